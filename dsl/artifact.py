@@ -1,0 +1,84 @@
+"""Artifacts as ops see them, and the context an op runs in.
+
+An artifact is a directory in the store plus its kind and digest.  A Model directory
+is a normal Hugging Face model directory (config, safetensors shards, tokenizer); a
+Delta holds ``delta*.safetensors``; a Report holds ``report.json``.  Every artifact
+carries ``weightflow.json``: its kind and the op's content metadata (for a Delta,
+the digest of the base it was taken against).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import ShardedWriter, TensorInfo
+from .oplib import Kind
+
+META_FILE = "weightflow.json"
+
+
+@dataclass
+class Artifact:
+    kind: Kind
+    digest: str
+    path: Path
+    step: str
+    # Per-run in-memory cache (e.g. a loaded model) shared by consumers of this
+    # artifact; dropped by the executor after the artifact's last consumer.
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def meta(self) -> dict:
+        if "_meta" not in self.cache:
+            try:
+                self.cache["_meta"] = json.loads((self.path / META_FILE).read_text())
+            except (OSError, ValueError):
+                self.cache["_meta"] = {}
+        return self.cache["_meta"]
+
+    def release(self) -> None:
+        self.cache.clear()
+
+
+class RunContext:
+    """What an op's ``run(inputs, params, ctx)`` may use: output dir, writers, logs."""
+
+    def __init__(self, *, step: str, out: Path, seed: int, dtype: str, pipeline_dir: Path,
+                 names: dict[str, str], shard_bytes: int, show_progress: bool,
+                 warn: Callable[[str], None]):
+        self.step = step
+        self.out = out
+        self.seed = seed
+        self.dtype = dtype
+        self.pipeline_dir = pipeline_dir
+        self.shard_bytes = shard_bytes
+        self.show_progress = show_progress
+        self.info: dict[str, Any] = {}  # goes to the manifest, not the content
+        self._names = names
+        self._warn = warn
+        self.writers: list[ShardedWriter] = []
+
+    def tensor_writer(self, plan: list[TensorInfo], prefix: str = "model",
+                      metadata: dict[str, str] | None = None) -> ShardedWriter:
+        w = ShardedWriter(self.out, plan, prefix=prefix, max_shard_bytes=self.shard_bytes,
+                          metadata=metadata)
+        self.writers.append(w)
+        return w
+
+    def progress(self, total: int, desc: str, unit: str = "tensor"):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"{self.step}: {desc}", unit=unit, leave=False,
+                    disable=not self.show_progress, file=sys.stderr, dynamic_ncols=True)
+
+    def warn(self, message: str) -> None:
+        self._warn(f"step '{self.step}': {message}")
+
+    def name_of(self, digest: str) -> str:
+        """A readable name for an artifact digest: its step name in this run, if any."""
+        name = self._names.get(digest)
+        return f"'{name}' ({digest[:12]})" if name else digest[:12]

@@ -1,0 +1,240 @@
+"""Safetensors files written and digested without torch.
+
+A checkpoint's identity is its *content*: the sorted list of (tensor name, dtype,
+shape, blake3 of the bytes) plus the digests of its side files (config, tokenizer,
+metadata).  Shard layout, header order and safetensors ``__metadata__`` do not count,
+so re-sharding or rewriting a checkpoint does not change its digest.
+
+``ShardedWriter`` writes a planned set of tensors into one or more shards, in any
+order, hashing each tensor as it is written, so producing a checkpoint never
+needs more memory than the tensor at hand and never needs a second read to hash.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import blake3
+
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+INDEX_SUFFIX = ".safetensors.index.json"
+# Files in an artifact directory that are not content (they are derived from the
+# tensors and their layout), so they are left out of the digest.
+NON_CONTENT = {"model.safetensors.index.json", "delta.safetensors.index.json"}
+_HASH_THREADS_MIN = 1 << 22  # multithreaded hashing pays off only for big buffers
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors spelling: F32, BF16, ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEMSIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class TensorDigest:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    blake3: str
+
+    def as_list(self) -> list:
+        return [self.name, self.dtype, list(self.shape), self.blake3]
+
+
+def hash_bytes(buf) -> str:
+    mv = memoryview(buf).cast("B") if not isinstance(buf, (bytes, bytearray)) else buf
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO if len(mv) >= _HASH_THREADS_MIN else 1)
+    h.update(mv)
+    return h.hexdigest()
+
+
+def hash_file(path: str | os.PathLike) -> str:
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if os.path.getsize(path) == 0:
+        return h.hexdigest()
+    h.update_mmap(str(path))
+    return h.hexdigest()
+
+
+def artifact_digest(tensors: Iterable[TensorDigest], files: dict[str, str]) -> str:
+    """The content digest of an artifact from its tensor digests and side-file digests."""
+    doc = {
+        "tensors": sorted(t.as_list() for t in tensors),
+        "files": dict(sorted(files.items())),
+    }
+    return blake3.blake3(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
+
+
+class ShardedWriter:
+    """Write the tensors of ``plan`` into ``<prefix>[-0000i-of-0000n].safetensors``.
+
+    Headers are written first (offsets are known from the plan), then each tensor's
+    bytes are written at its offset when ``write`` is called, in any order.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, plan: Sequence[TensorInfo], prefix: str = "model",
+                 max_shard_bytes: int = 2 << 30, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.plan = {t.name: t for t in plan}
+        if len(self.plan) != len(plan):
+            raise ValueError("duplicate tensor names in the write plan")
+        shards: list[list[TensorInfo]] = [[]]
+        size = 0
+        for t in plan:
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += t.nbytes
+        n = len(shards)
+        self.files: list[str] = []
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (shard, absolute offset)
+        self._handles = []
+        for i, tensors in enumerate(shards):
+            fname = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+            off = 0
+            for t in tensors:
+                header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+                off += t.nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            start = 8 + len(raw)
+            fh = open(self.out_dir / fname, "wb+")
+            fh.write(struct.pack("<Q", len(raw)))
+            fh.write(raw)
+            fh.truncate(start + off)
+            for t in tensors:
+                self._where[t.name] = (i, start + header[t.name]["data_offsets"][0])
+            self.files.append(fname)
+            self._handles.append(fh)
+        self.digests: dict[str, TensorDigest] = {}
+
+    def write(self, name: str, data) -> None:
+        """Write one planned tensor's raw bytes (any buffer, C-contiguous)."""
+        info = self.plan.get(name)
+        if info is None:
+            raise KeyError(f"tensor '{name}' is not in the write plan")
+        if name in self.digests:
+            raise ValueError(f"tensor '{name}' written twice")
+        mv = memoryview(data).cast("B")
+        if len(mv) != info.nbytes:
+            raise ValueError(f"tensor '{name}': {len(mv)} bytes, planned {info.nbytes}")
+        shard, offset = self._where[name]
+        fh = self._handles[shard]
+        fh.seek(offset)
+        fh.write(mv)
+        self.digests[name] = TensorDigest(name, info.dtype, info.shape, hash_bytes(mv))
+
+    def close(self) -> list[TensorDigest]:
+        """Flush and fsync every shard, write the index if sharded; return tensor digests."""
+        missing = [n for n in self.plan if n not in self.digests]
+        for fh in self._handles:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+        self._handles = []
+        if missing:
+            raise ValueError(f"{len(missing)} planned tensors were never written, e.g. '{missing[0]}'")
+        if len(self.files) > 1:
+            weight_map = {name: self.files[self._where[name][0]] for name in self.plan}
+            total = sum(t.nbytes for t in self.plan.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / f"{self.prefix}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
+        return list(self.digests.values())
+
+    def abort(self) -> None:
+        for fh in self._handles:
+            fh.close()
+        self._handles = []
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100 << 20:
+            raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
+        header = json.loads(fh.read(n))
+    return header, 8 + n
+
+
+def list_tensors(path: str | os.PathLike) -> list[TensorInfo]:
+    header, _ = read_header(path)
+    return [TensorInfo(k, v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"]
+
+
+def digest_safetensors(path: str | os.PathLike) -> list[TensorDigest]:
+    """Hash every tensor of one safetensors file from a memory map."""
+    header, start = read_header(path)
+    size = os.path.getsize(path)
+    out = []
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        try:
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                a, b = meta["data_offsets"]
+                if start + b > size:
+                    raise ValueError(f"{path}: tensor '{name}' runs past the end of the file")
+                view = memoryview(mm)[start + a:start + b] if mm is not None else b""
+                try:
+                    out.append(TensorDigest(name, meta["dtype"], tuple(meta["shape"]), hash_bytes(view)))
+                finally:
+                    if isinstance(view, memoryview):
+                        view.release()
+        finally:
+            if mm is not None:
+                mm.close()
+    return out
+
+
+def digest_directory(path: str | os.PathLike) -> str:
+    """Recompute an artifact directory's digest from its files (used to verify)."""
+    root = Path(path)
+    tensors: list[TensorDigest] = []
+    files: dict[str, str] = {}
+    for f in sorted(root.rglob("*")):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(root).as_posix()
+        if rel.endswith(".safetensors"):
+            tensors.extend(digest_safetensors(f))
+        elif rel not in NON_CONTENT and not rel.endswith(INDEX_SUFFIX):
+            files[rel] = hash_file(f)
+    return artifact_digest(tensors, files)
+
+
+def side_file_digests(root: str | os.PathLike) -> dict[str, str]:
+    """Digests of the non-tensor content files of an artifact directory."""
+    root = Path(root)
+    out = {}
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).as_posix()
+        if f.is_file() and not rel.endswith(".safetensors") and rel not in NON_CONTENT \
+                and not rel.endswith(INDEX_SUFFIX):
+            out[rel] = hash_file(f)
+    return out

@@ -1,0 +1,416 @@
+"""The ``weightflow`` command line.
+
+Verbs follow how people think about pipelines (DVC's ``repro``/``status``/``dag``):
+``validate``, ``plan``, ``run``, ``dag``, ``status``, ``show``, ``export``, ``gc``,
+``schema``, ``ops``.  Commands that run no model never import torch.  User errors
+print ``FILE:LINE:COL: step 'NAME': message`` lines and exit with status 2, never a
+traceback; a failed step exits with status 1 and keeps every finished cache entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .diagnostics import PipelineError, StepFailed, WeightflowError, did_you_mean
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _load(path: str):
+    from .pipeline import load_pipeline
+
+    p = load_pipeline(path)
+    for w in p.warnings:
+        _err(w.format())
+    return p
+
+
+def _store(args):
+    from .store import Store
+
+    return Store(args.cache_dir) if getattr(args, "cache_dir", None) else Store()
+
+
+def _check_steps(pipeline, names, what: str) -> None:
+    for n in names or ():
+        if n not in pipeline.steps:
+            raise WeightflowError(f"{what} '{n}' is not a step of {pipeline.path.name}"
+                                  f"{did_you_mean(n, pipeline.steps)}; steps: {', '.join(pipeline.steps)}")
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*header).rstrip())
+    for r in rows:
+        print(fmt.format(*map(str, r)).rstrip())
+
+
+def _steps_json(pipeline, statuses) -> dict:
+    return {"pipeline": str(pipeline.path), "steps": [s.as_json() for s in statuses]}
+
+
+# -- commands -------------------------------------------------------------------
+
+def cmd_validate(args) -> int:
+    p = _load(args.pipeline)
+    if args.json:
+        print(json.dumps({"pipeline": str(p.path), "valid": True, "steps": list(p.steps),
+                          "warnings": [w.as_json() for w in p.warnings]}))
+    else:
+        print(f"{args.pipeline}: ok ({len(p.steps)} steps)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .executor import plan
+
+    p = _load(args.pipeline)
+    _check_steps(p, args.target, "--target")
+    _check_steps(p, args.force, "--force")
+    statuses = plan(p, _store(args), args.target, args.force, warn=lambda m: _err(f"warning: {m}"))
+    if args.json:
+        print(json.dumps(_steps_json(p, statuses)))
+        return 0
+    rows = [[s.name, s.op, s.status, (s.key or "-")[:12], (s.digest or "-")[:12], s.reason]
+            for s in statuses]
+    _print_table(rows, ["STEP", "OP", "STATUS", "KEY", "DIGEST", "REASON"])
+    todo = sum(s.status == "pending" for s in statuses)
+    print(f"\n{todo} step(s) to run, {sum(s.status == 'cached' for s in statuses)} cached")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .executor import Runner
+
+    p = _load(args.pipeline)
+    _check_steps(p, args.target, "--target")
+    _check_steps(p, args.force, "--force")
+    show = sys.stderr.isatty() and not args.quiet
+    runner = Runner(p, _store(args), targets=args.target, force=args.force, frozen=args.frozen,
+                    show_progress=show, log=(lambda m: None) if args.quiet else _err,
+                    export=not args.no_export)
+    outcome = runner.run()
+    if args.json:
+        doc = _steps_json(p, outcome.steps)
+        doc["lock_changed"] = outcome.lock_changed
+        doc["exported"] = outcome.exported
+        print(json.dumps(doc))
+    elif not args.quiet:
+        executed = sum(s.status == "executed" for s in outcome.steps)
+        cached = sum(s.status == "cached" for s in outcome.steps)
+        print(f"{executed} executed, {cached} cached"
+              + (f"; lock file {p.lock_path.name} updated" if outcome.lock_changed else ""))
+    return 0
+
+
+def cmd_dag(args) -> int:
+    from . import graph
+
+    p = _load(args.pipeline)
+    order = graph.topo_order(p)
+    edges = [(e.source, name) for name in order for e in p.steps[name].inputs]
+    edges = list(dict.fromkeys(edges))
+    if args.mermaid:
+        print("flowchart TD")
+        for name in order:
+            print(f'  {name.replace("-", "_")}["{name}<br/>{p.steps[name].op.name}"]')
+        for a, b in edges:
+            print(f"  {a.replace('-', '_')} --> {b.replace('-', '_')}")
+    elif args.dot:
+        print("digraph weightflow {\n  rankdir=TB;")
+        for name in order:
+            print(f'  "{name}" [label="{name}\\n{p.steps[name].op.name}", shape=box];')
+        for a, b in edges:
+            print(f'  "{a}" -> "{b}";')
+        print("}")
+    else:
+        for name in order:
+            step = p.steps[name]
+            srcs = list(dict.fromkeys(e.source for e in step.inputs))
+            arrow = f" <- {', '.join(srcs)}" if srcs else ""
+            print(f"{name} ({step.op.name}: {step.op.output.value}){arrow}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import lockfile
+    from .executor import plan
+
+    p = _load(args.pipeline)
+    lock = lockfile.read(p.lock_path)
+    statuses = plan(p, _store(args), warn=lambda m: _err(f"warning: {m}"))
+    rows = []
+    out = []
+    for s in statuses:
+        locked = lock.get(s.name)
+        if locked is None:
+            state = "not locked"
+        elif s.key is None:
+            state = "changed upstream"
+        elif s.key != locked.key:
+            state = "changed"
+        elif s.status == "cached" and s.digest == locked.digest:
+            state = "up to date"
+        elif s.status == "cached":
+            state = "output differs from lock"
+        else:
+            state = "locked, not in cache"
+        rows.append([s.name, s.op, state, s.status])
+        out.append({"name": s.name, "op": s.op, "lock": state, "cache": s.status})
+    if args.json:
+        print(json.dumps({"pipeline": str(p.path), "steps": out}))
+    else:
+        _print_table(rows, ["STEP", "OP", "LOCK", "CACHE"])
+    return 0
+
+
+def _entry_for(p, store, step: str):
+    from .executor import plan
+
+    statuses = {s.name: s for s in plan(p, store, [step])}
+    s = statuses[step]
+    if s.status != "cached":
+        raise WeightflowError(f"step '{step}' has no cached output ({s.reason or s.status}); "
+                              f"run `weightflow run {p.path.name} --target {step}` first")
+    return store.lookup(s.key), statuses
+
+
+def _summary(entry) -> dict:
+    from .checkpoint import ITEMSIZE, list_tensors
+
+    out: dict = {}
+    tensors = []
+    for f in sorted(entry.path.glob("*.safetensors")):
+        tensors.extend(list_tensors(f))
+    if tensors:
+        params = 0
+        dtypes: dict[str, int] = {}
+        for t in tensors:
+            n = t.nbytes // ITEMSIZE[t.dtype]
+            params += n
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + n
+        out.update({"tensors": len(tensors), "parameters": params, "dtypes": dtypes,
+                    "bytes": sum(t.nbytes for t in tensors)})
+    try:
+        out["metadata"] = json.loads((entry.path / "weightflow.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def cmd_show(args) -> int:
+    p = _load(args.pipeline)
+    _check_steps(p, [args.step], "step")
+    store = _store(args)
+    entry, statuses = _entry_for(p, store, args.step)
+
+    def lineage(name: str, depth: int = 0) -> dict:
+        s = statuses[name]
+        node = {"step": name, "op": p.steps[name].op.name, "key": s.key, "digest": s.digest}
+        srcs = list(dict.fromkeys(e.source for e in p.steps[name].inputs))
+        if srcs and depth < 64:
+            node["inputs"] = [lineage(x, depth + 1) for x in srcs]
+        return node
+
+    doc = {"step": args.step, "path": str(entry.path), "manifest": entry.manifest,
+           "summary": _summary(entry), "lineage": lineage(args.step)}
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    m = entry.manifest
+    print(f"step      {args.step} ({m.get('op')} v{m.get('op_version')}) -> {m.get('kind')}")
+    print(f"key       {entry.key}\ndigest    {entry.digest}\npath      {entry.path}")
+    print(f"created   {m.get('created')} in {m.get('seconds')}s")
+    print(f"versions  {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}")
+    summ = doc["summary"]
+    if "parameters" in summ:
+        print(f"weights   {summ['tensors']} tensors, {summ['parameters']:,} parameters, "
+              f"{', '.join(summ['dtypes'])}, {summ['bytes'] / 1e6:.1f} MB")
+    meta = summ.get("metadata") or {}
+    if meta.get("base"):
+        print(f"base      {meta['base']}")
+    if m.get("info"):
+        print(f"info      {json.dumps(m['info'])[:500]}")
+    print("lineage")
+
+    def tree(node, indent="  "):
+        print(f"{indent}{node['step']} ({node['op']}) {(node['digest'] or '-')[:12]}")
+        for child in node.get("inputs", []):
+            tree(child, indent + "  ")
+    tree(doc["lineage"])
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .executor import export_artifact
+
+    p = _load(args.pipeline)
+    _check_steps(p, [args.step], "step")
+    store = _store(args)
+    entry, _ = _entry_for(p, store, args.step)
+    if not store.verify(entry):
+        raise WeightflowError(f"the cached output of '{args.step}' is corrupted; rerun the pipeline")
+    export_artifact(entry.path, Path(args.dir), entry.manifest)
+    print(f"exported {args.step} ({entry.digest[:12]}) -> {args.dir}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from . import lockfile
+
+    store = _store(args)
+    keep_keys: set[str] = set()
+    for item in args.locks:
+        path = Path(item)
+        if path.suffix in (".yaml", ".yml"):
+            path = path.with_suffix(".lock")
+        if not path.is_file():
+            raise WeightflowError(f"lock file not found: {path}")
+        keep_keys |= {e.key for e in lockfile.read(path).values()}
+    import json as _json
+
+    keep_digests = set()
+    drop_actions = []
+    for key, apath in store.actions():
+        if key in keep_keys:
+            try:
+                keep_digests.add(_json.loads(apath.read_text())["digest"])
+            except (OSError, ValueError, KeyError):
+                drop_actions.append(apath)
+        else:
+            drop_actions.append(apath)
+    drop_objects = [p for d, p in store.objects() if d not in keep_digests]
+    freed = sum(f.stat().st_size for o in drop_objects for f in o.rglob("*") if f.is_file())
+    if not args.dry_run:
+        for a in drop_actions:
+            a.unlink(missing_ok=True)
+        for o in drop_objects:
+            shutil.rmtree(o, ignore_errors=True)
+        shutil.rmtree(store.root / "tmp", ignore_errors=True)
+    verb = "would remove" if args.dry_run else "removed"
+    doc = {"dry_run": args.dry_run, "actions": len(drop_actions), "objects": len(drop_objects),
+           "bytes": freed, "kept_objects": len(keep_digests)}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(f"{verb} {len(drop_actions)} entries and {len(drop_objects)} objects "
+              f"({freed / 1e6:.1f} MB); kept {len(keep_digests)} objects")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from .schema import language_schema
+
+    print(json.dumps(language_schema(), indent=2))
+    return 0
+
+
+def cmd_ops(args) -> int:
+    from .opdocs import ops_json, ops_markdown, ops_text
+
+    if args.json:
+        print(json.dumps(ops_json(), indent=1))
+    elif args.markdown:
+        print(ops_markdown(), end="")
+    else:
+        print(ops_text(), end="")
+    return 0
+
+
+# -- argument parsing -----------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="weightflow", description="Declarative model surgery.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, func, help_, pipeline=True, cache=False, json_=True):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if pipeline:
+            sp.add_argument("pipeline", help="pipeline YAML file")
+        if cache:
+            sp.add_argument("--cache-dir", help="store directory (default: $WEIGHTFLOW_CACHE or "
+                            "~/.cache/weightflow)")
+        if json_:
+            sp.add_argument("--json", action="store_true", help="print one JSON object")
+        sp.set_defaults(func=func)
+        return sp
+
+    add("validate", cmd_validate, "check a pipeline file without running anything")
+    sp = add("plan", cmd_plan, "show which steps are cached and which would run, and why", cache=True)
+    sp.add_argument("--target", action="append", default=[], metavar="STEP")
+    sp.add_argument("--force", action="append", default=[], metavar="STEP")
+    sp = add("run", cmd_run, "run the steps the targets need; reuse cached ones", cache=True)
+    sp.add_argument("--target", action="append", default=[], metavar="STEP",
+                    help="run only what STEP needs (repeatable; default: every step)")
+    sp.add_argument("--force", action="append", default=[], metavar="STEP",
+                    help="recompute STEP even if cached (repeatable)")
+    sp.add_argument("--frozen", action="store_true",
+                    help="fail without running anything if the lock file would change")
+    sp.add_argument("--no-export", action="store_true", help="do not write the pipeline's outputs")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sp = add("dag", cmd_dag, "print the step graph", json_=False)
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--mermaid", action="store_true")
+    g.add_argument("--dot", action="store_true")
+    add("status", cmd_status, "compare the pipeline with its lock file and the cache", cache=True)
+    sp = add("show", cmd_show, "a step's manifest, summary and lineage", cache=True)
+    sp.add_argument("step")
+    sp = add("export", cmd_export, "write a step's output as a normal model directory", cache=True,
+             json_=False)
+    sp.add_argument("step")
+    sp.add_argument("dir")
+    sp = add("gc", cmd_gc, "remove store entries that no given lock file references", pipeline=False,
+             cache=True)
+    sp.add_argument("locks", nargs="+", metavar="LOCK", help="lock files (or their pipelines) to keep")
+    sp.add_argument("--dry-run", action="store_true")
+    add("schema", cmd_schema, "print the JSON Schema of the pipeline language", pipeline=False,
+        json_=False)
+    sp = add("ops", cmd_ops, "list every op with its parameters", pipeline=False)
+    sp.add_argument("--markdown", action="store_true", help="the op reference as Markdown")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        for line in exc.lines():
+            _err(line)
+        n = len(exc.diagnostics)
+        _err(f"{n} error{'s' if n != 1 else ''}")
+        return exc.exit_code
+    except StepFailed as exc:
+        _err(f"error: {exc}")
+        _err("finished steps stay cached; fix the problem and rerun to resume")
+        return 1
+    except WeightflowError as exc:
+        for line in exc.lines():
+            _err(line)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted; finished steps stay cached")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # last resort: still no traceback unless asked for
+        if os.environ.get("WEIGHTFLOW_DEBUG"):
+            raise
+        _err(f"internal error: {type(exc).__name__}: {exc} (set WEIGHTFLOW_DEBUG=1 for the traceback)")
+        return 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

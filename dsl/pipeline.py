@@ -1,0 +1,403 @@
+"""YAML text -> a validated ``Pipeline``: top-level keys, vars, steps and their params.
+
+Everything that can be checked without running a model is checked here or in
+``graph.py``, and all problems are collected before reporting, each with the file,
+line, column and step.  The result is plain data; nothing downstream re-reads YAML.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from . import registry
+from .diagnostics import Diagnostic, PipelineError, did_you_mean
+from .oplib import DataFile, OpSpec, StepRef, field_markers, iter_values
+from .yamlsource import Positions, load_yaml
+
+SUPPORTED_VERSIONS = (1,)
+TOP_LEVEL_KEYS = ("weightflow", "name", "description", "seed", "dtype", "vars", "steps", "outputs")
+DTYPES = ("float32", "float16", "bfloat16")
+STEP_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_VAR_WHOLE = re.compile(r"^\$\{\s*vars\.([^}\s]*)\s*\}$")
+_VAR_ANY = re.compile(r"\$\{([^}]*)\}")
+# Params that, when an op declares them and the step leaves them out, take the
+# pipeline-level default; filled before hashing so the key sees the effective value.
+PIPELINE_DEFAULTS = ("seed", "dtype")
+
+
+@dataclass(frozen=True)
+class Edge:
+    """``step`` reads the output of ``source`` through param ``field`` (path in params)."""
+
+    source: str
+    field: tuple
+    kinds: tuple
+
+
+@dataclass
+class Step:
+    name: str
+    op: OpSpec
+    params: BaseModel
+    line: int
+    col: int
+    inputs: list[Edge] = field(default_factory=list)
+    data_files: dict[tuple, Path] = field(default_factory=dict)
+
+    def params_json(self) -> dict:
+        return self.params.model_dump(mode="json", by_alias=True)
+
+
+@dataclass
+class Pipeline:
+    path: Path
+    name: str
+    description: str
+    seed: int
+    dtype: str
+    vars: dict[str, Any]
+    steps: dict[str, Step]
+    outputs: dict[str, Path]
+    positions: Positions
+    display: str = ""
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+    def diagnostic(self, step: str, message: str, path: tuple = ()) -> Diagnostic:
+        """A diagnostic at ``path`` inside step ``step`` (for problems found after parsing)."""
+        m = self.positions.value(("steps", step) + tuple(path)) if path else self.positions.key(("steps", step))
+        return Diagnostic(self.display or str(self.path), m.line, m.col, message, step)
+
+    @property
+    def lock_path(self) -> Path:
+        """``<pipeline>.lock`` beside the pipeline file (``merge.yaml`` -> ``merge.lock``)."""
+        return self.path.with_suffix(".lock")
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+class _Collector:
+    def __init__(self, filename: str, positions: Positions):
+        self.filename = filename
+        self.pos = positions
+        self.items: list[Diagnostic] = []
+
+    def at_value(self, path, message, step=None):
+        m = self.pos.value(path)
+        self.items.append(Diagnostic(self.filename, m.line, m.col, message, step))
+
+    def at_key(self, path, message, step=None):
+        m = self.pos.key(path)
+        self.items.append(Diagnostic(self.filename, m.line, m.col, message, step))
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _interpolate(value: Any, path: tuple, vars_: dict, col: _Collector, step: str | None):
+    """Replace ``${vars.NAME}``; a whole-value reference keeps the variable's type."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, path + (k,), vars_, col, step) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, path + (i,), vars_, col, step) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def lookup(expr: str):
+        expr = expr.strip()
+        if not expr.startswith("vars."):
+            col.at_value(path, f"cannot interpolate '${{{expr}}}': only ${{vars.NAME}} is supported", step)
+            return None, False
+        name = expr[len("vars."):]
+        if name not in vars_:
+            known = ", ".join(sorted(vars_)) or "none defined"
+            col.at_value(
+                path,
+                f"unknown variable '${{vars.{name}}}'{did_you_mean(name, vars_)}; known vars: {known}",
+                step,
+            )
+            return None, False
+        return vars_[name], True
+
+    whole = _VAR_WHOLE.match(value)
+    if whole:
+        got, ok = lookup("vars." + whole.group(1))
+        return got if ok else value
+    def repl(m):
+        got, ok = lookup(m.group(1))
+        return str(got) if ok else m.group(0)
+    return _VAR_ANY.sub(repl, value)
+
+
+def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            col.at_key((key,), f"unknown top-level key '{key}'{did_you_mean(key, TOP_LEVEL_KEYS)}; "
+                       f"expected one of: {', '.join(TOP_LEVEL_KEYS)}")
+    if "weightflow" not in data:
+        col.at_value((), "missing required top-level key 'weightflow' (the DSL version); "
+                     "add 'weightflow: 1'")
+    elif data["weightflow"] not in SUPPORTED_VERSIONS or isinstance(data["weightflow"], bool):
+        col.at_value(("weightflow",), f"unsupported DSL version {_short(data['weightflow'])}; this "
+                     f"release reads weightflow: {', '.join(map(str, SUPPORTED_VERSIONS))}")
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            col.at_value((key,), f"'{key}' must be a string, got {_short(data[key])}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        col.at_value(("seed",), f"'seed' must be a non-negative integer, got {_short(seed)}")
+        seed = 0
+    dtype = data.get("dtype", "float32")
+    if dtype not in DTYPES:
+        col.at_value(("dtype",), f"'dtype' must be one of {', '.join(DTYPES)}, got {_short(dtype)}"
+                     f"{did_you_mean(dtype, DTYPES) if isinstance(dtype, str) else ''}")
+        dtype = "float32"
+    vars_ = data.get("vars") or {}
+    if not isinstance(vars_, dict):
+        col.at_value(("vars",), f"'vars' must be a mapping of names to values, got {_short(vars_)}")
+        vars_ = {}
+    for name in list(vars_):
+        if not isinstance(name, str) or not VAR_NAME.match(name):
+            col.at_key(("vars", name), f"invalid variable name {_short(name)}: use letters, digits, '_', '-'")
+    return seed, dtype, vars_
+
+
+def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, col: _Collector):
+    base = ("steps", name)
+    allowed = _param_names(spec, raw)
+    for err in exc.errors(include_url=False):
+        loc = tuple(err.get("loc", ()))
+        kind = err.get("type", "")
+        if spec.discriminator and loc and loc[0] == raw.get(spec.discriminator):
+            loc = loc[1:]
+        # pydantic names union branches in locs (e.g. 'float', 'list[...]'): drop them.
+        loc = tuple(p for p in loc if isinstance(p, int) or p in raw or not _looks_like_type(p))
+        where = _fmt_loc(loc)
+        if kind == "extra_forbidden":
+            key = loc[-1] if loc else "?"
+            opts = sorted(allowed) if len(loc) == 1 else []
+            hint = did_you_mean(key, opts) if opts else ""
+            exp = f"; expected one of: {', '.join(opts)}" if opts else ""
+            col.at_key(base + loc, f"unknown parameter '{where}' for op '{spec.name}'{hint}{exp}", name)
+        elif kind == "missing":
+            col.at_key(base, f"missing required parameter '{where}' for op '{spec.name}'", name)
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            tags = _tags(spec)
+            got = raw.get(spec.discriminator)
+            if kind == "union_tag_not_found":
+                col.at_key(base, f"missing required parameter '{spec.discriminator}' for op "
+                           f"'{spec.name}'; expected one of: {', '.join(tags)}", name)
+            else:
+                col.at_value(base + (spec.discriminator,), f"unknown {spec.discriminator} "
+                             f"{_short(got)} for op '{spec.name}'{did_you_mean(got, tags)}; "
+                             f"expected one of: {', '.join(tags)}", name)
+        else:
+            msg = err.get("msg", "invalid value")
+            got = err.get("input")
+            shown = f" (got {_short(got)})" if not isinstance(got, dict) else ""
+            col.at_value(base + loc, f"parameter '{where}': {msg[0].lower() + msg[1:]}{shown}", name)
+
+
+def _looks_like_type(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in (
+        "float", "int", "str", "bool", "list", "dict", "function-after", "function-plain",
+        "constrained-float", "constrained-int", "constrained-str", "literal", "none"))
+
+
+def _tags(spec: OpSpec) -> list[str]:
+    tags = []
+    for member in getattr(spec.params, "__args__", ()) or ():
+        for m in getattr(member, "__args__", ()) or (member,):
+            f = getattr(m, "model_fields", {}).get(spec.discriminator)
+            if f is not None and getattr(f.annotation, "__args__", None):
+                tags.extend(f.annotation.__args__)
+    return sorted(set(map(str, tags)))
+
+
+def _param_names(spec: OpSpec, raw: dict) -> set[str]:
+    models = []
+    params = spec.params
+    if isinstance(params, type) and issubclass(params, BaseModel):
+        models = [params]
+    else:
+        for member in getattr(params, "__args__", ()) or ():
+            for m in getattr(member, "__args__", ()) or (member,):
+                if isinstance(m, type) and issubclass(m, BaseModel):
+                    f = m.model_fields.get(spec.discriminator or "")
+                    tags = getattr(f.annotation, "__args__", ()) if f is not None else ()
+                    if not spec.discriminator or raw.get(spec.discriminator) in tags:
+                        models.append(m)
+    names = {"op"}
+    for m in models:
+        for fname, info in m.model_fields.items():
+            names.add(info.alias or fname)
+    return names
+
+
+def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collector, base_dir: Path):
+    if not isinstance(name, str) or not STEP_NAME.match(name):
+        col.at_key(path, f"invalid step name {_short(name)}: use only letters, digits, '_' and '-' "
+                   "(step names are used in paths)", name if isinstance(name, str) else None)
+        return None
+    if not isinstance(raw, dict):
+        col.at_value(path, f"a step must be a mapping with 'op:' and its parameters, got {_short(raw)}", name)
+        return None
+    ops = registry.all_ops()
+    op_name = raw.get("op")
+    if op_name is None:
+        col.at_key(path, f"missing 'op:'; known ops: {', '.join(ops)}", name)
+        return None
+    spec = ops.get(op_name) if isinstance(op_name, str) else None
+    if spec is None:
+        col.at_value(path + ("op",), f"unknown op {_short(op_name)}"
+                     f"{did_you_mean(op_name, ops) if isinstance(op_name, str) else ''}; "
+                     f"known ops: {', '.join(ops)}", name)
+        return None
+    params_raw = {k: v for k, v in raw.items() if k != "op"}
+    for k in list(params_raw):
+        if not isinstance(k, str):
+            col.at_key(path + (k,), f"parameter names must be strings, got {_short(k)}", name)
+            return None
+    accepted = _param_names(spec, params_raw)
+    for key in PIPELINE_DEFAULTS:
+        if key in accepted and params_raw.get(key) is None:
+            params_raw[key] = pipeline_defaults[key]
+    try:
+        params = spec.adapter.validate_python(params_raw)
+    except ValidationError as exc:
+        _pydantic_diags(exc, spec, params_raw, name, col)
+        return None
+    except (ValueError, TypeError) as exc:
+        col.at_key(path, f"invalid parameters for op '{spec.name}': {exc}", name)
+        return None
+    key_mark = col.pos.key(path)
+    step = Step(name=name, op=spec, params=params, line=key_mark.line, col=key_mark.col)
+    for fname, value, marker in field_markers(params):
+        alias = type(params).model_fields[fname].alias or fname
+        for sub, item in iter_values(value):
+            if isinstance(marker, StepRef):
+                step.inputs.append(Edge(source=item, field=(alias,) + sub, kinds=marker.kinds))
+            elif isinstance(marker, DataFile):
+                p = Path(os.path.expanduser(item))
+                p = p if p.is_absolute() else (base_dir / p)
+                step.data_files[(alias,) + sub] = p
+                if not p.is_file():
+                    col.at_value(path + (alias,) + sub, f"data file not found: {p}", name)
+    return step
+
+
+def _attribute_steps(diags: list[Diagnostic], pos: Positions) -> list[Diagnostic]:
+    """Give YAML-level diagnostics (duplicate keys) the step whose block holds them."""
+    starts = sorted((m.line, k[1]) for k, m in pos.keys.items() if len(k) == 2 and k[0] == "steps")
+    out = []
+    for d in diags:
+        owner = None
+        for line, name in starts:
+            if line <= d.line:
+                owner = name
+        steps_mark = pos.keys.get(("steps",))
+        inside = steps_mark is not None and d.line > steps_mark.line
+        out.append(Diagnostic(d.file, d.line, d.col, d.message, owner if inside else None)
+                   if owner and inside and isinstance(owner, str) else d)
+    return out
+
+
+def parse_text(text: str, path: Path, display: str | None = None) -> Pipeline:
+    """Parse and validate pipeline ``text`` (read from ``path``); raise PipelineError."""
+    from .graph import check_graph  # graph checks need parsed steps first
+
+    filename = display or str(path)
+    data, pos, yaml_diags = load_yaml(text, filename)
+    col = _Collector(filename, pos)
+    col.items.extend(_attribute_steps(yaml_diags, pos))
+    if data is None and not yaml_diags:
+        col.at_value((), "the pipeline file is empty; it needs at least 'weightflow: 1' and 'steps:'")
+    if data is None or col.items and any("YAML" in d.message for d in col.items):
+        raise PipelineError(col.items)
+    if not isinstance(data, dict):
+        col.at_value((), f"a pipeline must be a mapping of top-level keys, got {type(data).__name__}")
+        raise PipelineError(col.items)
+
+    seed, dtype, vars_ = _check_top(data, col)
+    steps_raw = data.get("steps")
+    if steps_raw is None:
+        col.at_value((), "missing required top-level key 'steps' (a mapping of step name -> step)")
+        steps_raw = {}
+    elif not isinstance(steps_raw, dict):
+        col.at_value(("steps",), f"'steps' must be a mapping of step name -> step, got {_short(steps_raw)}")
+        steps_raw = {}
+    elif not steps_raw:
+        col.at_value(("steps",), "'steps' is empty: a pipeline needs at least one step")
+
+    defaults = {"seed": seed, "dtype": dtype}
+    steps: dict[str, Step] = {}
+    for name, raw in steps_raw.items():
+        spath = ("steps", name)
+        raw = _interpolate(raw, spath, vars_, col, name if isinstance(name, str) else None)
+        step = _validate_step(name, raw, spath, defaults, col, path.parent)
+        if step is not None:
+            steps[name] = step
+
+    outputs: dict[str, Path] = {}
+    outputs_raw = data.get("outputs") or {}
+    if not isinstance(outputs_raw, dict):
+        col.at_value(("outputs",), f"'outputs' must be a mapping of step name -> directory, got {_short(outputs_raw)}")
+        outputs_raw = {}
+    for name, target in outputs_raw.items():
+        target = _interpolate(target, ("outputs", name), vars_, col, None)
+        if name not in steps_raw:
+            col.at_key(("outputs", name), f"output names unknown step {_short(name)}"
+                       f"{did_you_mean(name, steps_raw) if isinstance(name, str) else ''}")
+        elif not isinstance(target, str) or not target:
+            col.at_value(("outputs", name), f"output directory must be a path string, got {_short(target)}", name)
+        else:
+            p = Path(os.path.expanduser(target))
+            outputs[name] = p if p.is_absolute() else path.parent / p
+
+    pipeline = Pipeline(
+        path=path,
+        name=data.get("name") if isinstance(data.get("name"), str) else path.stem,
+        description=data.get("description") if isinstance(data.get("description"), str) else "",
+        seed=seed,
+        dtype=dtype,
+        vars=vars_,
+        steps=steps,
+        outputs=outputs,
+        positions=pos,
+        display=filename,
+    )
+    col.items.extend(check_graph(pipeline, set(k for k in steps_raw if isinstance(k, str)), filename))
+    errors = [d for d in col.items if d.severity == "error"]
+    if errors:
+        raise PipelineError(col.items)
+    pipeline.warnings = [d for d in col.items if d.severity != "error"]
+    return pipeline
+
+
+def load_pipeline(path: str | os.PathLike) -> Pipeline:
+    """Read and validate the pipeline file at ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError([Diagnostic(str(path), 1, 1, "pipeline file not found")])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError([Diagnostic(str(path), 1, 1, f"cannot read pipeline file: {exc}")])
+    return parse_text(text, p.resolve(), display=str(path))

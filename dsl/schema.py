@@ -1,0 +1,103 @@
+"""The JSON Schema of the whole language, ops included, for editors.
+
+Point an editor at it with ``# yaml-language-server: $schema=weightflow.schema.json``
+(after ``weightflow schema > weightflow.schema.json``).  Every op parameter also
+accepts a ``${vars.NAME}`` string, since interpolation happens before validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import registry
+from .pipeline import DTYPES, SUPPORTED_VERSIONS
+
+VAR_REF = {"type": "string", "pattern": r"^.*\$\{\s*vars\.[A-Za-z_][A-Za-z0-9_-]*\s*\}.*$",
+           "description": "a ${vars.NAME} interpolation"}
+
+
+def _allow_vars(schema: dict) -> None:
+    """Let every property of every object schema also be a ${vars.X} string."""
+    if not isinstance(schema, dict):
+        return
+    props = schema.get("properties")
+    if isinstance(props, dict):
+        for name, sub in list(props.items()):
+            _allow_vars(sub)
+            if name not in ("op", "method"):
+                props[name] = {"anyOf": [sub, VAR_REF]} if "anyOf" not in sub else \
+                    {**sub, "anyOf": [*sub["anyOf"], VAR_REF]}
+    for key in ("$defs", "definitions"):
+        for sub in (schema.get(key) or {}).values():
+            _allow_vars(sub)
+    for key in ("anyOf", "oneOf", "allOf"):
+        for sub in schema.get(key) or []:
+            _allow_vars(sub)
+
+
+def _step_schema(spec, defs: dict) -> dict:
+    schema = spec.adapter.json_schema(by_alias=True, ref_template="#/$defs/{model}")
+    for name, sub in (schema.pop("$defs", None) or {}).items():
+        defs[name] = sub
+    _allow_vars(schema)
+    op_prop = {"const": spec.name, "description": spec.summary()}
+    if "properties" in schema:
+        schema["properties"] = {"op": op_prop, **schema["properties"]}
+        schema["required"] = ["op", *schema.get("required", [])]
+        schema["additionalProperties"] = False
+        return schema
+    # a discriminated union: add `op` to each variant
+    variants = []
+    for sub in schema.get("oneOf", schema.get("anyOf", [])):
+        ref = sub.get("$ref", "")
+        target = defs.get(ref.rsplit("/", 1)[-1]) if ref else sub
+        target = dict(target)
+        target["properties"] = {"op": op_prop, **target.get("properties", {})}
+        target["required"] = ["op", *target.get("required", [])]
+        target["additionalProperties"] = False
+        variants.append(target)
+    return {"oneOf": variants, "description": spec.summary()}
+
+
+def language_schema() -> dict[str, Any]:
+    defs: dict[str, Any] = {}
+    steps = []
+    for spec in registry.all_ops().values():
+        step = _step_schema(spec, defs)
+        steps.append({"if": {"properties": {"op": {"const": spec.name}}, "required": ["op"]},
+                      "then": step})
+    for sub in defs.values():
+        _allow_vars(sub)
+    op_names = list(registry.all_ops())
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://weightflow.dev/schema/v1.json",
+        "title": "weightflow pipeline",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["weightflow", "steps"],
+        "properties": {
+            "weightflow": {"enum": list(SUPPORTED_VERSIONS), "description": "DSL version"},
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "seed": {"type": "integer", "minimum": 0, "default": 0,
+                     "description": "default seed of every stochastic step"},
+            "dtype": {"enum": list(DTYPES), "default": "float32",
+                      "description": "default dtype of produced checkpoints"},
+            "vars": {"type": "object", "description": "values interpolated as ${vars.NAME}"},
+            "steps": {
+                "type": "object",
+                "minProperties": 1,
+                "propertyNames": {"pattern": "^[A-Za-z0-9_-]+$"},
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["op"],
+                    "properties": {"op": {"enum": op_names}},
+                    "allOf": steps,
+                },
+            },
+            "outputs": {"type": "object", "additionalProperties": {"type": "string"},
+                        "description": "step name -> directory to export to after a run"},
+        },
+        "$defs": defs,
+    }

@@ -1,0 +1,296 @@
+"""``load``: bring a model into the store from outside.
+
+Sources: a local Hugging Face model directory; ``hf:ORG/NAME[@REVISION]`` from the
+hub (the revision is resolved to a commit and pinned in the key); a GGUF file
+(dequantized by transformers); or ``config:`` + ``init_seed`` to build a randomly
+initialised model (tests, demos).  Weights are read from safetensors only -- never
+pickle -- and ``trust_remote_code`` stays off unless the pipeline says so.
+
+A local directory whose architecture already matches ``task`` is imported tensor by
+tensor (memory-mapped, converted to ``dtype``) without instantiating the model; other
+sources go through transformers once and are then imported the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from weightflow.dsl.diagnostics import OpError
+from weightflow.dsl.oplib import Dtype, Kind, OpParams, OpSpec
+
+HF_PREFIX = "hf:"
+_HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+|[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+TASK_SUFFIX = {"causal-lm": "ForCausalLM", "sequence-classification": "ForSequenceClassification"}
+
+
+class LoadParams(OpParams):
+    """Where the model comes from and how it is presented to later steps."""
+
+    source: str | None = Field(None, description="local model directory, 'hf:ORG/NAME@REVISION', "
+                               "or a .gguf file; relative to the pipeline file")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` (a directory)")
+    config: dict[str, Any] | None = Field(None, description="transformers config mapping "
+                                          "(with model_type) to build a randomly initialised model")
+    init_seed: int = Field(0, ge=0, description="seed for random initialisation (config models, new heads)")
+    task: Literal["auto", "causal-lm", "sequence-classification"] = "auto"
+    num_labels: int | None = Field(None, ge=1, description="labels of a sequence-classification head")
+    dtype: Dtype | None = Field(None, description="dtype of the stored weights (default: pipeline dtype)")
+    trust_remote_code: bool = Field(False, description="allow a hub model's own Python code to run")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.source is None) == (self.config is None):
+            raise ValueError("give exactly one of 'source' (a directory, hf:ORG/NAME, or .gguf file) "
+                             "or 'config' (a model built from a config)")
+        if self.source is not None and self.source.startswith(HF_PREFIX) and not _HF.match(self.source):
+            raise ValueError(f"invalid hub source {self.source!r}: expected hf:ORG/NAME or hf:ORG/NAME@REVISION")
+        if self.gguf_file is not None and (self.source is None or self.source.startswith(HF_PREFIX)):
+            raise ValueError("'gguf_file' needs 'source' to be a local directory holding that file")
+        if self.config is not None and not isinstance(self.config.get("model_type"), str):
+            raise ValueError("'config' needs a 'model_type' (e.g. llama, bert, gpt2)")
+        if self.num_labels is not None and self.task != "sequence-classification":
+            raise ValueError("'num_labels' applies only with task: sequence-classification")
+        return self
+
+
+# -- where the source is ------------------------------------------------------
+
+def _local(params: LoadParams, base_dir: Path) -> Path:
+    p = Path(params.source).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def _gguf_path(params: LoadParams, base_dir: Path) -> Path | None:
+    if params.source is None or params.source.startswith(HF_PREFIX):
+        return None
+    src = _local(params, base_dir)
+    if params.gguf_file:
+        return src / params.gguf_file
+    return src if src.suffix == ".gguf" else None
+
+
+def resolve_hf(source: str) -> tuple[str, str]:
+    """('org/name', commit sha) for an ``hf:`` source; a clear error when offline."""
+    m = _HF.match(source)
+    repo, rev = m.group("repo"), m.group("rev") or "main"
+    if _SHA.match(rev):
+        return repo, rev
+    try:
+        from huggingface_hub import HfApi
+        info = HfApi().model_info(repo, revision=rev, timeout=15)
+    except Exception as exc:  # offline, unknown repo, auth: all end the same way for the user
+        raise OpError(
+            f"cannot resolve {source} to a commit ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "the hub is unreachable or the repo/revision does not exist. Pin a 40-character commit "
+            "sha (hf:ORG/NAME@<sha>) with the model in the local HF cache, or load a local directory"
+        ) from None
+    return repo, info.sha
+
+
+def _local_files(src: Path) -> list[Path]:
+    from weightflow.ops._tensors import SIDE_FILE_GLOBS
+
+    files = set(src.glob("*.safetensors"))
+    for pattern in SIDE_FILE_GLOBS:
+        files |= set(src.glob(pattern))
+    return sorted(f for f in files if f.is_file())
+
+
+def fingerprint(params: LoadParams, env) -> dict:
+    """Content of what will be loaded: file digests, or the pinned hub commit."""
+    if params.config is not None:
+        return {"config": True}
+    gguf = _gguf_path(params, env.base_dir)
+    if gguf is not None:
+        if not gguf.is_file():
+            raise OpError(f"GGUF file not found: {gguf}")
+        return {"gguf": env.file_digest(gguf)}
+    if params.source.startswith(HF_PREFIX):
+        repo, sha = resolve_hf(params.source)
+        return {"hf": repo, "commit": sha}
+    src = _local(params, env.base_dir)
+    if not src.is_dir():
+        raise OpError(f"model directory not found: {src}")
+    files = _local_files(src)
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise OpError(_no_safetensors(src))
+    return {"files": {f.name: env.file_digest(f) for f in files}}
+
+
+def _no_safetensors(src: Path) -> str:
+    pickled = sorted(p.name for p in src.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    hint = (f" (found {', '.join(pickled)}: pickle checkpoints are never loaded; convert them to "
+            "safetensors)") if pickled else ""
+    return f"no safetensors weights in {src}{hint}"
+
+
+# -- running ------------------------------------------------------------------
+
+def _needs_instantiation(src: Path, task: str) -> bool:
+    import json
+
+    if task == "auto":
+        return False
+    try:
+        archs = json.loads((src / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return True
+    return not any(a.endswith(TASK_SUFFIX[task]) for a in archs)
+
+
+def _auto_class(task: str, config):
+    import transformers
+
+    if task == "sequence-classification":
+        return transformers.AutoModelForSequenceClassification
+    if task == "causal-lm":
+        return transformers.AutoModelForCausalLM
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return transformers.AutoModelForSequenceClassification
+    if any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False):
+        return transformers.AutoModelForCausalLM
+    try:
+        transformers.AutoModelForCausalLM._model_mapping[type(config)]
+        return transformers.AutoModelForCausalLM
+    except KeyError:
+        return transformers.AutoModel
+
+
+def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, tmp: Path) -> Path:
+    """Build the model with transformers and save it (safetensors) into ``tmp``."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(params.init_seed)
+    extra = {}
+    if params.num_labels is not None:
+        extra["num_labels"] = params.num_labels
+    if params.config is not None:
+        cfg = dict(params.config)
+        model_type = cfg.pop("model_type")
+        try:
+            config = transformers.AutoConfig.for_model(model_type, **cfg, **extra)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise OpError(f"invalid model config: {exc}") from None
+        cls = _auto_class(params.task, config)
+        model = cls.from_config(config, trust_remote_code=params.trust_remote_code)
+    elif gguf is not None:
+        try:
+            import gguf as _  # noqa: F401
+        except ImportError:
+            raise OpError("loading GGUF files needs the 'gguf' package: pip install gguf") from None
+        config = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, **extra)
+        cls = _auto_class(params.task, config)
+        loaded = cls.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **extra)
+        # save_pretrained refuses GGUF-loaded models: rebuild from a clean config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = cls.from_config(config)
+        model.load_state_dict(loaded.state_dict(), strict=False)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok.save_pretrained(tmp)
+        except Exception as exc:  # a GGUF without a usable tokenizer is still a model
+            ctx.warn(f"no tokenizer taken from {gguf.name}: {exc}")
+        del loaded
+    else:
+        cls = _auto_class(params.task, transformers.AutoConfig.from_pretrained(
+            src, trust_remote_code=params.trust_remote_code))
+        model = cls.from_pretrained(src, use_safetensors=True, trust_remote_code=params.trust_remote_code,
+                                    dtype=torch.float32, **extra)
+        try:
+            transformers.AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        except Exception:
+            pass
+    model.save_pretrained(tmp, safe_serialization=True)
+    return tmp
+
+
+def import_directory(src: Path, ctx, dtype: str) -> dict:
+    """Stream a model directory's tensors into ``ctx.out``, cast to ``dtype``."""
+    import json
+
+    from weightflow.ops._tensors import (
+        FLOAT_ST, TORCH_DTYPES, Checkpoint, TensorInfo, copy_side_files, st_dtype_of, tensor_buffer)
+
+    ckpt = Checkpoint(src, label=f"model directory {src}")
+    target = st_dtype_of(dtype)
+    plan = [TensorInfo(n, target if i.dtype in FLOAT_ST else i.dtype, i.shape) for n, i in ckpt.info.items()]
+    writer = ctx.tensor_writer(plan)
+    params = 0
+    with ctx.progress(len(plan), "import") as bar:
+        for info in plan:
+            t = ckpt.get(info.name)
+            if info.dtype != ckpt.info[info.name].dtype:
+                t = t.to(TORCH_DTYPES[dtype])
+            writer.write(info.name, tensor_buffer(t))
+            params += t.numel()
+            bar.update(1)
+    writer.close()
+    ckpt.close()
+    if not (src / "config.json").is_file():
+        raise OpError(f"{src} has no config.json; it is not a Hugging Face model directory")
+    copy_side_files(src, ctx.out, dtype=dtype)
+    cfg = json.loads((ctx.out / "config.json").read_text())
+    return {"parameters": params, "dtype": dtype, "architectures": cfg.get("architectures") or [],
+            "model_type": cfg.get("model_type")}
+
+
+def run(inputs, params: LoadParams, ctx) -> dict:
+    import tempfile
+
+    dtype = params.dtype or ctx.dtype
+    gguf = _gguf_path(params, ctx.pipeline_dir)
+    src: Path | None = None
+    source_desc: dict[str, Any]
+    if params.config is not None:
+        source_desc = {"config": params.config, "init_seed": params.init_seed}
+    elif gguf is not None:
+        source_desc = {"gguf": gguf.name}
+    elif params.source.startswith(HF_PREFIX):
+        repo, sha = resolve_hf(params.source)
+        from huggingface_hub import snapshot_download
+        from weightflow.ops._tensors import SIDE_FILE_GLOBS
+
+        try:
+            src = Path(snapshot_download(repo, revision=sha, allow_patterns=[
+                "*.safetensors", "*.safetensors.index.json", *SIDE_FILE_GLOBS]))
+        except Exception as exc:
+            raise OpError(f"cannot download {repo}@{sha}: {type(exc).__name__}: {exc}") from None
+        if not list(src.glob("*.safetensors")):
+            raise OpError(f"hf:{repo}@{sha} has no safetensors weights; pickle checkpoints are never loaded")
+        source_desc = {"hf": repo, "commit": sha}
+    else:
+        src = _local(params, ctx.pipeline_dir)
+        if not list(src.glob("*.safetensors")):
+            raise OpError(_no_safetensors(src))
+        source_desc = {"directory": src.name}
+
+    if params.config is not None or gguf is not None or _needs_instantiation(src, params.task):
+        with tempfile.TemporaryDirectory(dir=ctx.out.parent) as tmp:
+            built = _instantiate(params, ctx, src, gguf, Path(tmp))
+            meta = import_directory(built, ctx, dtype)
+    else:
+        meta = import_directory(src, ctx, dtype)
+    ctx.info["source"] = source_desc  # manifest only: where it came from is not content
+    return meta
+
+
+OP = OpSpec(
+    name="load",
+    version=1,
+    output=Kind.MODEL,
+    params=LoadParams,
+    run=run,
+    doc=__doc__,
+    fingerprint=fingerprint,
+    key_exclude=("source",),
+)
