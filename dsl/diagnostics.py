@@ -66,9 +66,11 @@ class StepFailed(WeightflowError):
 
     exit_code = 1
 
-    def __init__(self, step: str, message: str):
+    def __init__(self, step: str, message: str, where: str = ""):
         self.step = step
-        super().__init__(f"step '{step}' failed: {message}")
+        self.detail = message
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}step '{step}' failed: {message}")
 
 
 class OpError(WeightflowError):

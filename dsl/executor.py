@@ -347,15 +347,17 @@ class Runner:
                 for w in ctx.writers:
                     w.abort()  # no-op after close(); closes files if the op forgot
                 digest = self._digest(out, ctx, step.op.output.value, meta)
+            except StepFailed:
+                raise
             except WeightflowError as exc:
-                raise StepFailed(name, str(exc).removeprefix(f"step '{name}': ")) from exc
+                raise StepFailed(name, str(exc).removeprefix(f"step '{name}': "), self._where(name)) from exc
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # an op bug or an unexpected input: no traceback
                 detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
                 tb = traceback.format_exc()
                 raise StepFailed(name, f"{detail}\n(internal error; set WEIGHTFLOW_DEBUG=1 for the "
-                                 f"traceback)" + (f"\n{tb}" if _debug() else "")) from exc
+                                 f"traceback)" + (f"\n{tb}" if _debug() else ""), self._where(name)) from exc
             seconds = time.perf_counter() - started
             manifest = {
                 "kind": step.op.output.value,
@@ -373,6 +375,10 @@ class Runner:
             }
             entry = self.store.publish(key, out, digest, manifest)
         return entry, seconds
+
+    def _where(self, name: str) -> str:
+        d = self.p.diagnostic(name, "")
+        return f"{d.file}:{d.line}:{d.col}"
 
     @staticmethod
     def _digest(out: Path, ctx: RunContext, kind: str, meta: dict) -> str:

@@ -65,7 +65,9 @@ def check_graph(pipeline, all_names: set[str], filename: str) -> list[Diagnostic
         ordered = cycle[i:] + cycle[:i]
         text = " -> ".join(ordered + [ordered[0]])
         step = pipeline.steps[first]
-        diags.append(Diagnostic(filename, step.line, step.col, f"cycle: {text}", first))
+        diags.append(Diagnostic(filename, step.line, step.col,
+                                f"dependency cycle: {text} (a step cannot depend, directly or "
+                                "through other steps, on its own output)", first))
     return diags
 
 
@@ -74,10 +76,7 @@ def _cycles(g: nx.DiGraph) -> Iterable[list[str]]:
         if len(component) > 1:
             sub = g.subgraph(component)
             yield [u for u, _ in nx.find_cycle(sub, source=min(component))]
-        else:
-            (n,) = component
-            if g.has_edge(n, n):
-                yield [n]
+        # A step naming itself is a one-step loop, reported as "refers to the step itself".
 
 
 def _fmt(path: tuple) -> str:

@@ -89,6 +89,9 @@ class _Collector:
         self.filename = filename
         self.pos = positions
         self.items: list[Diagnostic] = []
+        # Paths whose ${vars...} could not be resolved: already reported, so the
+        # validation errors the raw '${...}' text causes there are noise.
+        self.failed: set[tuple] = set()
 
     def at_value(self, path, message, step=None):
         m = self.pos.value(path)
@@ -111,6 +114,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _short_list(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _interpolate(value: Any, path: tuple, vars_: dict, col: _Collector, step: str | None):
     """Replace ``${vars.NAME}``; a whole-value reference keeps the variable's type."""
     if isinstance(value, dict):
@@ -123,14 +130,17 @@ def _interpolate(value: Any, path: tuple, vars_: dict, col: _Collector, step: st
     def lookup(expr: str):
         expr = expr.strip()
         if not expr.startswith("vars."):
+            col.failed.add(path)
             col.at_value(path, f"cannot interpolate '${{{expr}}}': only ${{vars.NAME}} is supported", step)
             return None, False
         name = expr[len("vars."):]
         if name not in vars_:
+            col.failed.add(path)
             known = ", ".join(sorted(vars_)) or "none defined"
             col.at_value(
                 path,
-                f"unknown variable '${{vars.{name}}}'{did_you_mean(name, vars_)}; known vars: {known}",
+                f"unknown variable '${{vars.{name}}}'{did_you_mean(name, vars_)}; known vars: {known} "
+                "(define it under top-level 'vars:')",
                 step,
             )
             return None, False
@@ -155,8 +165,13 @@ def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:
         col.at_value((), "missing required top-level key 'weightflow' (the DSL version); "
                      "add 'weightflow: 1'")
     elif data["weightflow"] not in SUPPORTED_VERSIONS or isinstance(data["weightflow"], bool):
-        col.at_value(("weightflow",), f"unsupported DSL version {_short(data['weightflow'])}; this "
-                     f"release reads weightflow: {', '.join(map(str, SUPPORTED_VERSIONS))}")
+        got = data["weightflow"]
+        quoted = (f" (write it as a number, without quotes: weightflow: {got})"
+                  if isinstance(got, str) and re.fullmatch(r"[0-9]{1,6}", got.strip())
+                  and int(got) in SUPPORTED_VERSIONS
+                  else "")
+        col.at_value(("weightflow",), f"unsupported DSL version {_short(got)}; this release reads "
+                     f"weightflow: {', '.join(map(str, SUPPORTED_VERSIONS))}{quoted}")
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
             col.at_value((key,), f"'{key}' must be a string, got {_short(data[key])}")
@@ -179,7 +194,8 @@ def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:
     return seed, dtype, vars_
 
 
-def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, col: _Collector):
+def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, col: _Collector,
+                    reported: set[tuple] = frozenset()):
     base = ("steps", name)
     allowed = _param_names(spec, raw)
     for err in exc.errors(include_url=False):
@@ -190,6 +206,10 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
         # pydantic names union branches in locs (e.g. 'float', 'list[...]'): drop them.
         loc = tuple(p for p in loc if isinstance(p, int) or p in raw or not _looks_like_type(p))
         where = _fmt_loc(loc)
+        if any(base + loc[:len(f) - 2] == f for f in col.failed if f[:2] == base):
+            continue  # an unresolved ${vars...} here is reported already
+        if loc in reported:
+            continue  # _strict_scalar_problems said it more plainly
         if kind == "extra_forbidden":
             key = loc[-1] if loc else "?"
             opts = sorted(allowed) if len(loc) == 1 else []
@@ -205,14 +225,88 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
                 col.at_key(base, f"missing required parameter '{spec.discriminator}' for op "
                            f"'{spec.name}'; expected one of: {', '.join(tags)}", name)
             else:
+                hint = did_you_mean(got, tags) if isinstance(got, str) else ""
                 col.at_value(base + (spec.discriminator,), f"unknown {spec.discriminator} "
-                             f"{_short(got)} for op '{spec.name}'{did_you_mean(got, tags)}; "
+                             f"{_short(got)} for op '{spec.name}'{hint}; "
                              f"expected one of: {', '.join(tags)}", name)
         else:
-            msg = err.get("msg", "invalid value")
+            msg = err.get("msg") or "invalid value"
             got = err.get("input")
             shown = f" (got {_short(got)})" if not isinstance(got, dict) else ""
-            col.at_value(base + loc, f"parameter '{where}': {msg[0].lower() + msg[1:]}{shown}", name)
+            if kind in ("value_error", "assertion_error"):
+                # Our own validators' messages say what is wrong; drop pydantic's prefix.
+                msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+                shown = ""
+            elif kind == "string_pattern_mismatch":
+                choices = _pattern_choices((err.get("ctx") or {}).get("pattern", ""))
+                if choices:
+                    hint = did_you_mean(got, choices) if isinstance(got, str) else ""
+                    msg = f"must be one of {', '.join(choices)}, got {_short(got)}{hint}"
+                    shown = ""
+            msg = msg[0].lower() + msg[1:]
+            if not loc:
+                # A check across several parameters (e.g. load's 'source' vs 'config').
+                col.at_key(base, f"invalid parameters for op '{spec.name}': {msg}{shown}", name)
+            else:
+                col.at_value(base + loc, f"parameter '{where}': {msg}{shown}", name)
+
+
+def _pattern_choices(pattern: str) -> list[str]:
+    """['a', 'b'] for a choice pattern such as '^(a|b)$', else []."""
+    m = re.fullmatch(r"\^\(([\w.|-]+)\)\$", pattern or "")
+    return m.group(1).split("|") if m else []
+
+
+def _union_members(tp: Any) -> list:
+    """The alternatives of ``tp`` with Annotated/Optional peeled off."""
+    import typing
+
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
+        out = []
+        for arg in typing.get_args(tp):
+            out.extend(_union_members(arg))
+        return out
+    return [tp]
+
+
+def _strict_scalar_problems(model: type[BaseModel], raw: dict) -> list[tuple[tuple, str]]:
+    """Booleans where numbers are expected and non-booleans where a flag is expected.
+
+    pydantic's lax mode turns ``init_seed: true`` into 1 and ``normalize: "yes"`` into
+    True; in a pipeline file those are almost always mistakes, so they are errors.
+    """
+    import typing
+
+    problems: list[tuple[tuple, str]] = []
+
+    def check(tp, value, loc):
+        members = [m for m in _union_members(tp) if m is not type(None)]
+        if any(m is Any for m in members):
+            return
+        origins = [typing.get_origin(m) for m in members]
+        if len(members) == 1 and origins[0] in (list, tuple) and isinstance(value, list):
+            args = typing.get_args(members[0])
+            if args and (origins[0] is list or (len(args) == 2 and args[1] is Ellipsis)):
+                for i, item in enumerate(value):
+                    check(args[0], item, loc + (i,))
+            return
+        plain = set(m for m, o in zip(members, origins) if o is None)
+        if not plain or len(plain) != len(members):
+            return
+        if isinstance(value, bool) and bool not in plain and plain <= {int, float}:
+            wanted = "an integer" if plain == {int} else "a number"
+            problems.append((loc, f"expected {wanted}, got a boolean ({str(value).lower()})"))
+        elif plain == {bool} and value is not None and not isinstance(value, bool):
+            problems.append((loc, f"expected true or false, got {_short(value)}"))
+
+    for fname, info in model.model_fields.items():
+        key = info.alias or fname
+        if key in raw:
+            check(info.annotation, raw[key], (key,))
+    return problems
 
 
 def _looks_like_type(part: Any) -> bool:
@@ -231,7 +325,8 @@ def _tags(spec: OpSpec) -> list[str]:
     return sorted(set(map(str, tags)))
 
 
-def _param_names(spec: OpSpec, raw: dict) -> set[str]:
+def _models_for(spec: OpSpec, raw: dict) -> list[type[BaseModel]]:
+    """The params model(s) ``raw`` is validated against (the matching union branch)."""
     models = []
     params = spec.params
     if isinstance(params, type) and issubclass(params, BaseModel):
@@ -244,8 +339,12 @@ def _param_names(spec: OpSpec, raw: dict) -> set[str]:
                     tags = getattr(f.annotation, "__args__", ()) if f is not None else ()
                     if not spec.discriminator or raw.get(spec.discriminator) in tags:
                         models.append(m)
+    return models
+
+
+def _param_names(spec: OpSpec, raw: dict) -> set[str]:
     names = {"op"}
-    for m in models:
+    for m in _models_for(spec, raw):
         for fname, info in m.model_fields.items():
             names.add(info.alias or fname)
     return names
@@ -279,13 +378,19 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
     for key in PIPELINE_DEFAULTS:
         if key in accepted and params_raw.get(key) is None:
             params_raw[key] = pipeline_defaults[key]
+    models = _models_for(spec, params_raw)
+    strict = _strict_scalar_problems(models[0], params_raw) if len(models) == 1 else []
+    for loc, message in strict:
+        col.at_value(path + loc, f"parameter '{_fmt_loc(loc)}': {message}", name)
     try:
         params = spec.adapter.validate_python(params_raw)
     except ValidationError as exc:
-        _pydantic_diags(exc, spec, params_raw, name, col)
+        _pydantic_diags(exc, spec, params_raw, name, col, {loc for loc, _ in strict})
         return None
     except (ValueError, TypeError) as exc:
         col.at_key(path, f"invalid parameters for op '{spec.name}': {exc}", name)
+        return None
+    if strict:
         return None
     key_mark = col.pos.key(path)
     step = Step(name=name, op=spec, params=params, line=key_mark.line, col=key_mark.col)
@@ -303,22 +408,6 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
     return step
 
 
-def _attribute_steps(diags: list[Diagnostic], pos: Positions) -> list[Diagnostic]:
-    """Give YAML-level diagnostics (duplicate keys) the step whose block holds them."""
-    starts = sorted((m.line, k[1]) for k, m in pos.keys.items() if len(k) == 2 and k[0] == "steps")
-    out = []
-    for d in diags:
-        owner = None
-        for line, name in starts:
-            if line <= d.line:
-                owner = name
-        steps_mark = pos.keys.get(("steps",))
-        inside = steps_mark is not None and d.line > steps_mark.line
-        out.append(Diagnostic(d.file, d.line, d.col, d.message, owner if inside else None)
-                   if owner and inside and isinstance(owner, str) else d)
-    return out
-
-
 def parse_text(text: str, path: Path, display: str | None = None) -> Pipeline:
     """Parse and validate pipeline ``text`` (read from ``path``); raise PipelineError."""
     from .graph import check_graph  # graph checks need parsed steps first
@@ -326,7 +415,7 @@ def parse_text(text: str, path: Path, display: str | None = None) -> Pipeline:
     filename = display or str(path)
     data, pos, yaml_diags = load_yaml(text, filename)
     col = _Collector(filename, pos)
-    col.items.extend(_attribute_steps(yaml_diags, pos))
+    col.items.extend(yaml_diags)
     if data is None and not yaml_diags:
         col.at_value((), "the pipeline file is empty; it needs at least 'weightflow: 1' and 'steps:'")
     if data is None or col.items and any("YAML" in d.message for d in col.items):
@@ -337,8 +426,11 @@ def parse_text(text: str, path: Path, display: str | None = None) -> Pipeline:
 
     seed, dtype, vars_ = _check_top(data, col)
     steps_raw = data.get("steps")
-    if steps_raw is None:
+    if "steps" not in data:
         col.at_value((), "missing required top-level key 'steps' (a mapping of step name -> step)")
+        steps_raw = {}
+    elif steps_raw is None:
+        col.at_key(("steps",), "'steps' is empty: a pipeline needs at least one step")
         steps_raw = {}
     elif not isinstance(steps_raw, dict):
         col.at_value(("steps",), f"'steps' must be a mapping of step name -> step, got {_short(steps_raw)}")
@@ -363,8 +455,10 @@ def parse_text(text: str, path: Path, display: str | None = None) -> Pipeline:
     for name, target in outputs_raw.items():
         target = _interpolate(target, ("outputs", name), vars_, col, None)
         if name not in steps_raw:
+            known = ", ".join(str(k) for k in steps_raw) or "none"
             col.at_key(("outputs", name), f"output names unknown step {_short(name)}"
-                       f"{did_you_mean(name, steps_raw) if isinstance(name, str) else ''}")
+                       f"{did_you_mean(name, steps_raw) if isinstance(name, str) else ''}; "
+                       f"known steps: {_short_list(known)}")
         elif not isinstance(target, str) or not target:
             col.at_value(("outputs", name), f"output directory must be a path string, got {_short(target)}", name)
         else:

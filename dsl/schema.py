@@ -7,6 +7,7 @@ accepts a ``${vars.NAME}`` string, since interpolation happens before validation
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from . import registry
@@ -14,6 +15,12 @@ from .pipeline import DTYPES, SUPPORTED_VERSIONS
 
 VAR_REF = {"type": "string", "pattern": r"^.*\$\{\s*vars\.[A-Za-z_][A-Za-z0-9_-]*\s*\}.*$",
            "description": "a ${vars.NAME} interpolation"}
+
+
+def _or_var(sub: dict) -> dict:
+    if VAR_REF in sub.get("anyOf", []):
+        return sub
+    return {**sub, "anyOf": [*sub["anyOf"], VAR_REF]} if "anyOf" in sub else {"anyOf": [sub, VAR_REF]}
 
 
 def _allow_vars(schema: dict) -> None:
@@ -25,8 +32,11 @@ def _allow_vars(schema: dict) -> None:
         for name, sub in list(props.items()):
             _allow_vars(sub)
             if name not in ("op", "method"):
-                props[name] = {"anyOf": [sub, VAR_REF]} if "anyOf" not in sub else \
-                    {**sub, "anyOf": [*sub["anyOf"], VAR_REF]}
+                props[name] = _or_var(sub)
+    items = schema.get("items")
+    if isinstance(items, dict):
+        _allow_vars(items)
+        schema["items"] = _or_var(items)
     for key in ("$defs", "definitions"):
         for sub in (schema.get(key) or {}).values():
             _allow_vars(sub)
@@ -50,8 +60,8 @@ def _step_schema(spec, defs: dict) -> dict:
     variants = []
     for sub in schema.get("oneOf", schema.get("anyOf", [])):
         ref = sub.get("$ref", "")
-        target = defs.get(ref.rsplit("/", 1)[-1]) if ref else sub
-        target = dict(target)
+        target = copy.deepcopy(defs.pop(ref.rsplit("/", 1)[-1]) if ref else sub)
+        _allow_vars(target)
         target["properties"] = {"op": op_prop, **target.get("properties", {})}
         target["required"] = ["op", *target.get("required", [])]
         target["additionalProperties"] = False

@@ -79,6 +79,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -52,36 +52,80 @@ class Positions:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (explicit ones; merge keys may override)."""
+    """SafeLoader that rejects duplicate keys (explicit ones; merge keys may override).
 
-    duplicates: list[tuple[Any, yaml.Mark, yaml.Mark]]
+    Values PyYAML's constructors choke on with plain Python errors (``2001-13-45``
+    looks like a date, a 5000-digit integer exceeds ``int``'s string limit) become
+    ``ConstructorError``s that carry the value's position.
+    """
+
+    duplicates: list[tuple[Any, yaml.Mark, yaml.Mark, yaml.Node]]
+
+    def _check_duplicates(self, node) -> None:
+        # Runs once per mapping node, before PyYAML flattens merge keys into it in place
+        # (after that, merged and explicit keys can no longer be told apart).
+        if id(node) in self._dup_checked:
+            return
+        self._dup_checked.add(id(node))
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        self.duplicates.append((key, seen[key], key_node.start_mark, node))
+                    else:
+                        seen[key] = key_node.start_mark
+                except TypeError:
+                    pass  # unhashable keys are reported by PyYAML itself
+
+    def flatten_mapping(self, node):  # noqa: D401 - PyYAML hook
+        if isinstance(node, yaml.MappingNode):
+            self._check_duplicates(node)
+        return super().flatten_mapping(node)
 
     def construct_mapping(self, node, deep=False):  # noqa: D401 - PyYAML hook
         if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, yaml.Mark] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                if isinstance(key_node, yaml.ScalarNode):
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        if key in seen:
-                            self.duplicates.append((key, seen[key], key_node.start_mark))
-                        else:
-                            seen[key] = key_node.start_mark
-                    except TypeError:
-                        pass  # unhashable keys are reported by PyYAML itself
+            self._check_duplicates(node)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node, deep=False):  # noqa: D401 - PyYAML hook
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            value = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
+            if len(value) > 60:
+                value = value[:57] + "...'"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read value{value}: {exc}", node.start_mark) from None
 
 
 def _mark(m: yaml.Mark) -> Mark:
     return Mark(m.line + 1, m.column + 1)
 
 
-def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, depth: int = 0) -> None:
+# Aliases let a short file describe a huge tree (the "billion laughs"); the position
+# walk, interpolation and validation all visit the expanded tree, so refuse big ones.
+MAX_NODES = 200_000
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, paths: dict,
+            depth: int = 0) -> None:
     if depth > 200:
         return
+    loader.node_count += 1
+    if loader.node_count > MAX_NODES:
+        raise _TooBig()
+    # Later entries win, as in the constructed dict (a key after a merge key '<<'
+    # overrides the merged one), so positions are overwritten, not kept first.
     pos.values[path] = _mark(node.start_mark)
+    paths.setdefault(id(node), path)
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -95,28 +139,47 @@ def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, depth:
             except TypeError:
                 continue
             sub = path + (key,)
-            pos.keys.setdefault(sub, _mark(key_node.start_mark))
-            _record(value_node, sub, pos, loader, depth + 1)
+            pos.keys[sub] = _mark(key_node.start_mark)
+            _record(value_node, sub, pos, loader, paths, depth + 1)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _record(item, path + (i,), pos, loader, depth + 1)
+            _record(item, path + (i,), pos, loader, paths, depth + 1)
+
+
+def _owner_step(path: Path | None) -> str | None:
+    """The step whose block holds the mapping at ``path`` (None outside 'steps')."""
+    if path and path[0] == "steps" and len(path) >= 2 and isinstance(path[1], str):
+        return path[1]
+    return None
+
+
+def _offset_mark(text: str, offset: int) -> tuple[int, int]:
+    """1-based (line, col) of character ``offset`` of ``text``."""
+    offset = max(0, min(offset, len(text)))
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
 def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic]]:
     """Parse ``text``; return (data, positions, diagnostics).
 
     On a syntax error ``data`` is None and the diagnostics say where and why.
+    Duplicate-key diagnostics name the step whose block holds them.
     """
-    loader = _Loader(text)
-    loader.duplicates = []
     pos = Positions()
+    paths: dict[int, Path] = {}
+    loader = None
     try:
+        loader = _Loader(text)  # the reader rejects control characters right here
+        loader.duplicates = []
+        loader._dup_checked = set()
+        loader.node_count = 0
         node = loader.get_single_node()
         if node is None:
             return None, pos, []
         data = loader.construct_document(node)
         # construct_mapping flattened merge keys in place, so the walk sees merged keys.
-        _record(node, (), pos, loader)
+        _record(node, (), pos, loader, paths)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -125,20 +188,32 @@ def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic
             problem = f"{exc.context}: {problem}"
         if "could not determine a constructor" in problem:
             problem += " (only plain YAML is allowed; tags such as !!python/... are refused)"
+        if "found character '\\t'" in problem:
+            problem += " (indent with spaces; YAML does not allow tabs there)"
         return None, pos, [Diagnostic(filename, line, col, f"YAML syntax error: {problem}")]
+    except yaml.reader.ReaderError as exc:
+        line, col = _offset_mark(text, exc.position) if isinstance(text, str) else (1, 1)
+        return None, pos, [Diagnostic(
+            filename, line, col,
+            f"YAML syntax error: unacceptable character #x{exc.character:04x}: {exc.reason}")]
     except yaml.YAMLError as exc:
         return None, pos, [Diagnostic(filename, 1, 1, f"YAML error: {exc}")]
     except RecursionError:
         return None, pos, [Diagnostic(filename, 1, 1, "YAML error: document nests too deeply")]
+    except _TooBig:
+        return None, pos, [Diagnostic(
+            filename, 1, 1, f"YAML error: the document expands (through aliases) to more than "
+            f"{MAX_NODES} values; a pipeline file should be far smaller")]
     finally:
-        loader.dispose()
-    diags = [
-        Diagnostic(
-            filename,
-            second.line + 1,
-            second.column + 1,
-            f"duplicate key '{key}' (first defined on line {first.line + 1})",
-        )
-        for key, first, second in loader.duplicates
-    ]
+        if loader is not None:
+            loader.dispose()
+    diags = []
+    for key, first, second, mapping in loader.duplicates:
+        where = paths.get(id(mapping))
+        step = _owner_step(where)
+        if where == ("steps",) and isinstance(key, str):
+            step = key  # a step defined twice
+        diags.append(Diagnostic(
+            filename, second.line + 1, second.column + 1,
+            f"duplicate key '{key}' (first defined on line {first.line + 1})", step))
     return data, pos, diags
