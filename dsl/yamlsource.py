@@ -185,7 +185,13 @@ def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or "invalid YAML"
         if exc.context and exc.context not in problem:
-            problem = f"{exc.context}: {problem}"
+            context = exc.context
+            cm = exc.context_mark
+            if cm is not None and mark is not None and (cm.line, cm.column) != (mark.line, mark.column):
+                # "while parsing a flow mapping" -> say where that mapping began: the
+                # missing '}' or bad indentation is usually there, not where it's noticed.
+                context += f" started at line {cm.line + 1}, column {cm.column + 1}"
+            problem = f"{context}: {problem}"
         if "could not determine a constructor" in problem:
             problem += " (only plain YAML is allowed; tags such as !!python/... are refused)"
         if "found character '\\t'" in problem:

@@ -260,11 +260,21 @@ def run(inputs, params: LoadParams, ctx) -> dict:
         from huggingface_hub import snapshot_download
         from weightflow.ops._tensors import SIDE_FILE_GLOBS
 
-        try:
-            src = Path(snapshot_download(repo, revision=sha, allow_patterns=[
-                "*.safetensors", "*.safetensors.index.json", *SIDE_FILE_GLOBS]))
-        except Exception as exc:
-            raise OpError(f"cannot download {repo}@{sha}: {type(exc).__name__}: {exc}") from None
+        patterns = ["*.safetensors", "*.safetensors.index.json", *SIDE_FILE_GLOBS]
+        try:  # a pinned commit already in the local HF cache needs no network
+            src = Path(snapshot_download(repo, revision=sha, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            src = None
+        if src is None:
+            try:
+                from huggingface_hub import HfApi
+
+                HfApi().model_info(repo, revision=sha, timeout=15)  # fails fast, without retries
+                src = Path(snapshot_download(repo, revision=sha, allow_patterns=patterns))
+            except Exception as exc:
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                raise OpError(f"cannot download hf:{repo}@{sha} ({type(exc).__name__}: {first}); the hub "
+                              "is unreachable and the commit is not in the local HF cache") from None
         if not list(src.glob("*.safetensors")):
             raise OpError(f"hf:{repo}@{sha} has no safetensors weights; pickle checkpoints are never loaded")
         source_desc = {"hf": repo, "commit": sha}

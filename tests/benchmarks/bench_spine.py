@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -131,13 +132,16 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def measured_run(cmd: list[str], cwd: Path | None = None, timeout: float = STEP_TIMEOUT_S) -> dict:
+def measured_run(cmd: list[str], cwd: Path | None = None, timeout: float = STEP_TIMEOUT_S,
+                 poll: bool = True) -> dict:
     """Run ``cmd``; return wall time, exit code, output and its peak memory.
 
     ``peak_rss`` is the kernel high-water mark of the child (``wait4`` rusage of this
     one child, so earlier children don't leak into it); ``poll_*`` are maxima of 20 ms
     samples of ``/proc/PID/status`` (RssAnon: heap/tensors; RssFile: mapped file pages)
-    and of the whole process tree via psutil.
+    and of the whole process tree via psutil.  ``poll=False`` (for timings: polling
+    ``/proc`` slows a starting process down measurably on a small machine) only
+    waits, and still reports ``peak_rss``.
     """
     import psutil
 
@@ -151,6 +155,14 @@ def measured_run(cmd: list[str], cwd: Path | None = None, timeout: float = STEP_
         except psutil.Error:
             pass
         while True:
+            if not poll:
+                timer = threading.Timer(timeout, proc.kill)
+                timer.start()
+                try:
+                    pid, status, usage = os.wait4(proc.pid, 0)
+                finally:
+                    timer.cancel()
+                break
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -203,11 +215,11 @@ def _cli() -> list[str]:
     return [sys.executable, "-c", "import sys; from weightflow.dsl.cli import main; sys.exit(main())"]
 
 
-def wf_run(pipeline: Path, cache: Path, *extra: str, json_out: bool = True) -> dict:
+def wf_run(pipeline: Path, cache: Path, *extra: str, json_out: bool = True, poll: bool = True) -> dict:
     cmd = _cli() + ["run", str(pipeline), "-q", "--cache-dir", str(cache), *extra]
     if json_out:
         cmd.append("--json")
-    return _check(measured_run(cmd, cwd=pipeline.parent), f"weightflow run {' '.join(extra)}")
+    return _check(measured_run(cmd, cwd=pipeline.parent, poll=poll), f"weightflow run {' '.join(extra)}")
 
 
 def _mb(n: float) -> float:
@@ -268,11 +280,11 @@ def bench_noop(work: Path, repeats: int = 3) -> dict:
     st = _statuses(check)
     assert all(s["status"] == "cached" for s in st.values()), st
 
-    cli_times = [wf_run(pipeline, cache, json_out=False)["wall_s"] for _ in range(repeats)]
-    validate = [_check(measured_run(_cli() + ["validate", str(pipeline)]), "validate")["wall_s"]
+    cli_times = [wf_run(pipeline, cache, json_out=False, poll=False)["wall_s"] for _ in range(repeats)]
+    validate = [_check(measured_run(_cli() + ["validate", str(pipeline)], poll=False), "validate")["wall_s"]
                 for _ in range(repeats)]
     res = _check(measured_run([sys.executable, "-c", INPROCESS_SCRIPT, str(pipeline), str(cache),
-                               str(repeats + 1)]), "in-process Runner")
+                               str(repeats + 1)], poll=False), "in-process Runner")
     inproc = json.loads(res["stdout"].strip().splitlines()[-1])
     assert all(s == ["cached"] for s in inproc["statuses"]), inproc
     warm = inproc["times_s"][1:]
@@ -328,6 +340,8 @@ def bench_rss(work: Path, size_gb: float, log) -> dict:
         "model_config": {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                               "vocab_size")},
         "baseline_import_torch_and_ops_rss_mb": _mb(baseline["peak_rss"]),
+        "baseline_poll_anon_mb": _mb(baseline["poll_anon"]),
+        "baseline_poll_file_mapped_mb": _mb(baseline["poll_file"]),
         "steps": {},
     }
 
@@ -363,7 +377,7 @@ def bench_rss(work: Path, size_gb: float, log) -> dict:
     step("d1", {"d1"}, "extract-delta (model - base)")
     step("d2", {"d2"}, "extract-delta (model - base)")
     step("ta", {"ta"}, "merge task-arithmetic: base + 2 deltas")
-    noop = wf_run(pipeline, cache)
+    noop = wf_run(pipeline, cache, poll=False)
     assert all(s["status"] == "cached" for s in _statuses(noop).values())
     results["noop_rerun_7_steps_cli_s"] = round(noop["wall_s"], 3)
     results["noop_rerun_7_steps_peak_rss_mb"] = _mb(noop["peak_rss"])
@@ -458,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"2. peak RSS of streaming ops on ~{args.size_gb} GB float32 llama checkpoints")
         r = doc["rss"] = bench_rss(tmp / "rss", args.size_gb, log)
         log(f"  S (one model) = {r['model_bytes_S_mb']} MB; baseline (python + torch + ops imported) "
-            f"= {r['baseline_import_torch_and_ops_rss_mb']} MB")
+            f"= {r['baseline_import_torch_and_ops_rss_mb']} MB (anon {r['baseline_poll_anon_mb']:.0f} MB, "
+            f"file-mapped {r['baseline_poll_file_mapped_mb']:.0f} MB)")
         lin = r["steps"]["lin"]
         log(f"  merge linear x3: peak RSS {lin['peak_rss_mb']} MB = {lin['peak_rss_over_S']} x S; "
             f"above baseline {lin['peak_rss_minus_baseline_mb']} MB = "
