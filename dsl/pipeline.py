@@ -191,6 +191,8 @@ def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:
     for name in list(vars_):
         if not isinstance(name, str) or not VAR_NAME.match(name):
             col.at_key(("vars", name), f"invalid variable name {_short(name)}: use letters, digits, '_', '-'")
+    # Only well-named vars can be referenced (and listed in "known vars" hints).
+    vars_ = {k: v for k, v in vars_.items() if isinstance(k, str) and VAR_NAME.match(k)}
     return seed, dtype, vars_
 
 

@@ -168,6 +168,7 @@ def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, t
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # "newly initialized head" is expected here
     torch.manual_seed(params.init_seed)
     extra = {}
     if params.num_labels is not None:
@@ -182,10 +183,12 @@ def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, t
         cls = _auto_class(params.task, config)
         model = cls.from_config(config, trust_remote_code=params.trust_remote_code)
     elif gguf is not None:
-        try:
-            import gguf as _  # noqa: F401
-        except ImportError:
-            raise OpError("loading GGUF files needs the 'gguf' package: pip install gguf") from None
+        import importlib.util
+
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise OpError(f"loading GGUF files needs {' and '.join(missing)}: "
+                          f"pip install 'weightflow[gguf]' (or pip install {' '.join(missing)})")
         config = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, **extra)
         cls = _auto_class(params.task, config)
         loaded = cls.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **extra)

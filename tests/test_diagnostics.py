@@ -416,18 +416,19 @@ def test_unknown_variable_is_not_also_reported_as_a_bad_number():
 
 
 def test_duplicate_in_merged_anchor_is_not_a_false_positive():
-    # an anchor that itself merges and overrides a key, used before its own
-    # mapping is constructed: no duplicate key is reported
+    # The anchor merges and overrides 'dtype' itself; a merge of it (in 'steps') is
+    # flattened before the anchor's own mapping is built (PyYAML builds breadth-first),
+    # which must not make its merged and explicit 'dtype' look like a duplicate.
     p = parse("""\
         weightflow: 1
+        vars:
+          inner:
+            x: &a {<<: {dtype: float32}, dtype: float16}
         steps:
-          m: {op: merge, method: linear, models: [base]}
-          base:
-            <<: &loaded {op: load, dtype: float16, <<: {source: ./x, dtype: float32}}
-            source: ./m
+          base: {<<: *a, op: load, source: ./m}
         """)
     assert p.steps["base"].params.dtype == "float16"
-    assert p.steps["base"].params.source == "./m"
+    assert p.vars["inner"]["x"] == {"dtype": "float16"}
 
 
 def test_override_after_merge_key_is_located_at_the_override():
