@@ -128,22 +128,42 @@ class ShardedWriter:
             self.files.append(fname)
             self._handles.append(fh)
         self.digests: dict[str, TensorDigest] = {}
+        self._partial: dict[str, tuple[int, object]] = {}  # name -> (bytes written, hasher)
 
     def write(self, name: str, data) -> None:
         """Write one planned tensor's raw bytes (any buffer, C-contiguous)."""
+        self.append(name, data)
+        if name not in self.digests:
+            info = self.plan[name]
+            raise ValueError(f"tensor '{name}': {self._partial[name][0]} bytes, planned {info.nbytes}")
+
+    def append(self, name: str, data) -> None:
+        """Write the next part of a tensor (row chunks, in order); hashed incrementally.
+
+        Streaming ops write big tensors in parts so memory stays at one chunk.
+        """
         info = self.plan.get(name)
         if info is None:
             raise KeyError(f"tensor '{name}' is not in the write plan")
         if name in self.digests:
             raise ValueError(f"tensor '{name}' written twice")
         mv = memoryview(data).cast("B")
-        if len(mv) != info.nbytes:
-            raise ValueError(f"tensor '{name}': {len(mv)} bytes, planned {info.nbytes}")
+        done, hasher = self._partial.get(name, (0, None))
+        if done + len(mv) > info.nbytes:
+            raise ValueError(f"tensor '{name}': {done + len(mv)} bytes, planned {info.nbytes}")
+        if hasher is None:
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if info.nbytes >= _HASH_THREADS_MIN else 1)
         shard, offset = self._where[name]
         fh = self._handles[shard]
-        fh.seek(offset)
+        fh.seek(offset + done)
         fh.write(mv)
-        self.digests[name] = TensorDigest(name, info.dtype, info.shape, hash_bytes(mv))
+        hasher.update(mv)
+        done += len(mv)
+        if done == info.nbytes:
+            self._partial.pop(name, None)
+            self.digests[name] = TensorDigest(name, info.dtype, info.shape, hasher.hexdigest())
+        else:
+            self._partial[name] = (done, hasher)
 
     def close(self) -> list[TensorDigest]:
         """Flush and fsync every shard, write the index if sharded; return tensor digests."""

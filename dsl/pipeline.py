@@ -402,6 +402,10 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
             if isinstance(marker, StepRef):
                 step.inputs.append(Edge(source=item, field=(alias,) + sub, kinds=marker.kinds))
             elif isinstance(marker, DataFile):
+                if "\x00" in item:
+                    col.at_value(path + (alias,) + sub, f"data file path contains a NUL character: "
+                                 f"{_short(item)}", name)
+                    continue
                 p = Path(os.path.expanduser(item))
                 p = p if p.is_absolute() else (base_dir / p)
                 step.data_files[(alias,) + sub] = p
@@ -412,9 +416,17 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
 
 def parse_text(text: str, path: Path, display: str | None = None) -> Pipeline:
     """Parse and validate pipeline ``text`` (read from ``path``); raise PipelineError."""
+    try:
+        return _parse_text(text, path, display or str(path))
+    except RecursionError:
+        # YAML reading already refuses deep documents; this guards the later walks.
+        raise PipelineError([Diagnostic(display or str(path), 1, 1,
+                                        "the pipeline nests too deeply to be checked")]) from None
+
+
+def _parse_text(text: str, path: Path, filename: str) -> Pipeline:
     from .graph import check_graph  # graph checks need parsed steps first
 
-    filename = display or str(path)
     data, pos, yaml_diags = load_yaml(text, filename)
     col = _Collector(filename, pos)
     col.items.extend(yaml_diags)
@@ -463,6 +475,8 @@ def parse_text(text: str, path: Path, display: str | None = None) -> Pipeline:
                        f"known steps: {_short_list(known)}")
         elif not isinstance(target, str) or not target:
             col.at_value(("outputs", name), f"output directory must be a path string, got {_short(target)}", name)
+        elif "\x00" in target:
+            col.at_value(("outputs", name), f"output directory contains a NUL character: {_short(target)}", name)
         else:
             p = Path(os.path.expanduser(target))
             outputs[name] = p if p.is_absolute() else path.parent / p

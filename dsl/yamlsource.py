@@ -115,10 +115,17 @@ class _TooBig(Exception):
     pass
 
 
+class _Recursive(Exception):
+    """An alias inside the very node it names: the data would contain itself."""
+
+    def __init__(self, mark: yaml.Mark):
+        self.mark = mark
+
+
 def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, paths: dict,
-            depth: int = 0) -> None:
-    if depth > 200:
-        return
+            depth: int = 0, inside: frozenset = frozenset(), where: yaml.Mark | None = None) -> None:
+    if id(node) in inside:
+        raise _Recursive(where or node.start_mark)
     loader.node_count += 1
     if loader.node_count > MAX_NODES:
         raise _TooBig()
@@ -126,6 +133,7 @@ def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, paths:
     # overrides the merged one), so positions are overwritten, not kept first.
     pos.values[path] = _mark(node.start_mark)
     paths.setdefault(id(node), path)
+    inside = inside | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -140,10 +148,10 @@ def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, paths:
                 continue
             sub = path + (key,)
             pos.keys[sub] = _mark(key_node.start_mark)
-            _record(value_node, sub, pos, loader, paths, depth + 1)
+            _record(value_node, sub, pos, loader, paths, depth + 1, inside, key_node.start_mark)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _record(item, path + (i,), pos, loader, paths, depth + 1)
+            _record(item, path + (i,), pos, loader, paths, depth + 1, inside, node.start_mark)
 
 
 def _owner_step(path: Path | None) -> str | None:
@@ -206,6 +214,11 @@ def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic
         return None, pos, [Diagnostic(filename, 1, 1, f"YAML error: {exc}")]
     except RecursionError:
         return None, pos, [Diagnostic(filename, 1, 1, "YAML error: document nests too deeply")]
+    except _Recursive as exc:
+        return None, pos, [Diagnostic(
+            filename, exc.mark.line + 1, exc.mark.column + 1,
+            "YAML error: an alias here refers to a node that contains it, so the value would "
+            "contain itself; a pipeline must be a tree")]
     except _TooBig:
         return None, pos, [Diagnostic(
             filename, 1, 1, f"YAML error: the document expands (through aliases) to more than "

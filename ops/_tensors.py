@@ -1,8 +1,8 @@
 """Torch-side helpers shared by the ops: reading checkpoints lazily, writing tensors.
 
 Imported only inside ops' ``run`` functions (it imports torch), never by the
-language front end.  Reading goes through safetensors' memory-mapped ``safe_open``,
-one tensor at a time, so streaming ops hold only the tensors they are combining.
+language front end.  Reading goes tensor by tensor -- big tensors in row chunks --
+so streaming ops hold only the chunks they are combining.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 
 from weightflow.dsl.checkpoint import INDEX_SUFFIX, TensorInfo, read_header
 from weightflow.dsl.diagnostics import OpError
@@ -37,8 +36,19 @@ def st_dtype_of(name: str) -> str:
     return TORCH_TO_ST[TORCH_DTYPES[name]]
 
 
+# Big tensors are processed in row chunks of at most this many elements, so streaming
+# ops hold a few chunks (tens of MB), not a few whole embedding matrices.
+CHUNK_ELEMENTS = 1 << 22
+
+
 class Checkpoint:
-    """Lazy, memory-mapped view of the safetensors tensors in one directory."""
+    """Lazy view of the safetensors tensors in one directory.
+
+    Tensors (or row ranges of them) are read with plain positioned reads into fresh
+    buffers rather than through a memory map: mapped file pages count towards the
+    process's resident memory, so a streamed merge over mmaps would look -- and,
+    under memory pressure, behave -- like it loaded every input whole.
+    """
 
     def __init__(self, directory: str | Path, prefix: str | None = None, label: str | None = None):
         self.dir = Path(directory)
@@ -50,16 +60,21 @@ class Checkpoint:
                     "(convert them to safetensors first)") if pickled else ""
             raise OpError(f"no safetensors weights in {self.label}{hint}")
         self.info: dict[str, TensorInfo] = {}
-        self._file_of: dict[str, Path] = {}
+        self._loc: dict[str, tuple[Path, int]] = {}  # name -> (file, absolute data offset)
         for f in files:
-            header, _ = read_header(f)
+            try:
+                header, start = read_header(f)
+            except (OSError, ValueError) as exc:
+                raise OpError(f"cannot read {f.name} of {self.label}: {exc}") from None
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
                 if name in self.info:
                     raise OpError(f"tensor '{name}' appears in two shard files of {self.label}")
+                if meta["dtype"] not in ST_TO_TORCH:
+                    raise OpError(f"tensor '{name}' of {self.label} has unsupported dtype {meta['dtype']}")
                 self.info[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]))
-                self._file_of[name] = f
+                self._loc[name] = (f, start + meta["data_offsets"][0])
         self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
@@ -68,19 +83,52 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.info
 
-    def get(self, name: str) -> torch.Tensor:
-        f = self._file_of[name]
-        h = self._handles.get(f)
-        if h is None:
-            h = safe_open(str(f), framework="pt", device="cpu")
-            self._handles[f] = h
-        return h.get_tensor(name)
+    def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``name``, or only its rows ``start:stop`` along the first dimension."""
+        info = self.info[name]
+        path, offset = self._loc[name]
+        fh = self._handles.get(path)
+        if fh is None:
+            fh = self._handles[path] = open(path, "rb")
+        shape = info.shape
+        rows = shape[0] if shape else 1
+        start, stop = (0, rows) if start is None else (start, stop)
+        row_bytes = info.nbytes // rows if rows else 0
+        buf = bytearray((stop - start) * row_bytes)
+        if buf:
+            fh.seek(offset + start * row_bytes)
+            if fh.readinto(buf) != len(buf):
+                raise OpError(f"tensor '{name}' of {self.label} is truncated")
+            t = torch.frombuffer(buf, dtype=ST_TO_TORCH[info.dtype])
+        else:
+            t = torch.empty(0, dtype=ST_TO_TORCH[info.dtype])
+        return t.reshape((stop - start,) + tuple(shape[1:])) if shape else t.reshape(())
 
     def is_float(self, name: str) -> bool:
         return self.info[name].dtype in FLOAT_ST
 
     def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
         self._handles.clear()
+
+
+def row_ranges(shape: tuple[int, ...], max_elements: int | None = None):
+    """(start, stop) row ranges covering ``shape``'s first dimension in bounded chunks.
+
+    A 0-d tensor yields (None, None): read it whole.
+    """
+    if not shape:
+        yield None, None
+        return
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    step = max(1, (max_elements or CHUNK_ELEMENTS) // max(per_row, 1))
+    if shape[0] == 0:
+        yield 0, 0
+    for lo in range(0, shape[0], step):
+        yield lo, min(shape[0], lo + step)
 
 
 def tensor_buffer(t: torch.Tensor) -> memoryview:

@@ -28,7 +28,8 @@ def run(inputs, params: ExtractDeltaParams, ctx) -> dict:
     import torch
 
     from weightflow.dsl.diagnostics import OpError
-    from weightflow.ops._tensors import Checkpoint, TensorInfo, check_same_tensors, select, tensor_buffer
+    from weightflow.ops._tensors import (
+        Checkpoint, TensorInfo, check_same_tensors, row_ranges, select, tensor_buffer)
 
     model_art, base_art = inputs["model"], inputs["base"]
     model = Checkpoint(model_art.path, label=f"model '{model_art.step}'")
@@ -43,9 +44,10 @@ def run(inputs, params: ExtractDeltaParams, ctx) -> dict:
     sq = 0.0
     with ctx.progress(len(plan), "delta") as bar:
         for n in names:
-            d = model.get(n).to(torch.float32) - base.get(n).to(torch.float32)
-            sq += float(torch.sum(d.double() ** 2))
-            writer.write(n, tensor_buffer(d))
+            for lo, hi in row_ranges(model.info[n].shape):
+                d = model.get(n, lo, hi).to(torch.float32) - base.get(n, lo, hi).to(torch.float32)
+                sq += float(torch.sum(d.double() ** 2))
+                writer.append(n, tensor_buffer(d))
             bar.update(1)
     writer.close()
     ctx.info["l2_norm"] = sq ** 0.5  # a float sum: manifest, not content

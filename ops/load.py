@@ -222,7 +222,8 @@ def import_directory(src: Path, ctx, dtype: str) -> dict:
     import json
 
     from weightflow.ops._tensors import (
-        FLOAT_ST, TORCH_DTYPES, Checkpoint, TensorInfo, copy_side_files, st_dtype_of, tensor_buffer)
+        FLOAT_ST, TORCH_DTYPES, Checkpoint, TensorInfo, copy_side_files, row_ranges, st_dtype_of,
+        tensor_buffer)
 
     ckpt = Checkpoint(src, label=f"model directory {src}")
     target = st_dtype_of(dtype)
@@ -231,11 +232,12 @@ def import_directory(src: Path, ctx, dtype: str) -> dict:
     params = 0
     with ctx.progress(len(plan), "import") as bar:
         for info in plan:
-            t = ckpt.get(info.name)
-            if info.dtype != ckpt.info[info.name].dtype:
-                t = t.to(TORCH_DTYPES[dtype])
-            writer.write(info.name, tensor_buffer(t))
-            params += t.numel()
+            for lo, hi in row_ranges(info.shape):
+                t = ckpt.get(info.name, lo, hi)
+                if info.dtype != ckpt.info[info.name].dtype:
+                    t = t.to(TORCH_DTYPES[dtype])
+                writer.append(info.name, tensor_buffer(t))
+                params += t.numel()
             bar.update(1)
     writer.close()
     ckpt.close()

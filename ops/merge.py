@@ -59,11 +59,12 @@ MergeParams = Annotated[Union[LinearParams, TaskArithmeticParams], Field(discrim
 
 
 def _stream(ctx, template, template_dir, compute: Callable, dtype: str) -> int:
-    """Write every tensor of ``template``: floats via ``compute(name)``, others copied."""
+    """Write every tensor of ``template`` in row chunks: floats via ``compute(name, lo, hi)``,
+    others copied."""
     import torch
 
     from weightflow.ops._tensors import (
-        FLOAT_ST, TORCH_DTYPES, TensorInfo, copy_side_files, st_dtype_of, tensor_buffer)
+        FLOAT_ST, TORCH_DTYPES, TensorInfo, copy_side_files, row_ranges, st_dtype_of, tensor_buffer)
 
     target = st_dtype_of(dtype)
     plan = [TensorInfo(n, target if i.dtype in FLOAT_ST else i.dtype, i.shape)
@@ -71,11 +72,12 @@ def _stream(ctx, template, template_dir, compute: Callable, dtype: str) -> int:
     writer = ctx.tensor_writer(plan)
     with ctx.progress(len(plan), "merge") as bar, torch.inference_mode():
         for info in plan:
-            if template.is_float(info.name):
-                t = compute(info.name).to(TORCH_DTYPES[dtype])
-            else:
-                t = template.get(info.name)
-            writer.write(info.name, tensor_buffer(t))
+            for lo, hi in row_ranges(info.shape):
+                if template.is_float(info.name):
+                    t = compute(info.name, lo, hi).to(TORCH_DTYPES[dtype])
+                else:
+                    t = template.get(info.name, lo, hi)
+                writer.append(info.name, tensor_buffer(t))
             bar.update(1)
     writer.close()
     copy_side_files(template_dir, ctx.out, dtype=dtype)
@@ -97,10 +99,11 @@ def _linear(inputs, p: LinearParams, ctx) -> dict:
     if p.normalize and abs(total) < 1e-12:
         raise OpError("normalize: true needs weights whose sum is not zero")
 
-    def compute(name):
-        acc = torch.zeros(ckpts[0].info[name].shape, dtype=torch.float32)
+    def compute(name, lo, hi):
+        acc = None
         for w, c in zip(weights, ckpts):
-            acc.add_(c.get(name).to(torch.float32), alpha=w)
+            term = c.get(name, lo, hi).to(torch.float32) * w
+            acc = term if acc is None else acc.add_(term)
         return acc / total if p.normalize else acc
 
     n = _stream(ctx, ckpts[0], arts[0].path, compute, p.dtype or ctx.dtype)
@@ -132,12 +135,12 @@ def _task_arithmetic(inputs, p: TaskArithmeticParams, ctx) -> dict:
                               f"'{art.step}' but {list(base.info[n].shape)} in base '{base_art.step}'")
     weights = list(p.weights) if p.weights is not None else [1.0] * len(deltas)
 
-    def compute(name):
-        b = base.get(name).to(torch.float32)
+    def compute(name, lo, hi):
+        b = base.get(name, lo, hi).to(torch.float32)
         acc = None
         for w, d in zip(weights, deltas):
             if name in d:
-                term = d.get(name).to(torch.float32) * w
+                term = d.get(name, lo, hi).to(torch.float32) * w
                 acc = term if acc is None else acc.add_(term)
         return b if acc is None else b + acc * p.lambda_
 

@@ -485,6 +485,16 @@ def test_alias_bomb_is_refused_quickly():
     assert len(diags) == 1 and "expands" in diags[0].message and "aliases" in diags[0].message
 
 
+@pytest.mark.parametrize("text,line,col", [
+    ("weightflow: 1\nsteps: &s\n  a: {op: load, source: ./m}\n  b: *s\n", 4, 3),
+    ("weightflow: 1\nvars: &v {w: [1, *v]}\nsteps:\n  a: {op: load, source: ./m}\n", 2, 14),
+])
+def test_recursive_alias_is_refused(text, line, col):
+    diags = errors_of(text)
+    assert [(d.line, d.col) for d in diags] == [(line, col)]
+    assert "refers to a node that contains it" in diags[0].message
+
+
 def test_load_pipeline_missing_file(tmp_path):
     with pytest.raises(PipelineError) as info:
         load_pipeline(tmp_path / "nope.yaml")

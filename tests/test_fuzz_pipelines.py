@@ -146,6 +146,8 @@ def mutated_text(draw):
 @example("weightflow: 1\nsteps: {a: {op: load, source: ./m, config: {? [1]: 2}}}\n")
 @example("weightflow: 1\nsteps: {a: {op: load, source: ./m, <<: 5}}\n")
 @example('weightflow: 1\nvars: {0: 1, w: 2}\nsteps: {a: {op: load, source: "${vars.x}"}}\n')
+@example("weightflow: 1\nsteps: &s\n  a: {op: load, source: ./m}\n  b: *s\n")
+@example("weightflow: 1\nvars: &v {w: [*v]}\nsteps: {a: {op: load, source: ./m}}\n")
 @example("[" * 2000)
 @example("a: " + "[" * 2000 + "]" * 2000)
 def test_mutated_text_never_crashes(text):
@@ -164,14 +166,17 @@ JSONISH = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                        max_leaves=12)
 
 
-def _paths(value, path=()):
+def _paths(value, path=(), inside=frozenset()):
     yield path
+    if id(value) in inside:
+        return  # a recursive structure made by an earlier "share"
+    inside = inside | {id(value)}
     if isinstance(value, dict):
         for k, v in value.items():
-            yield from _paths(v, path + (k,))
+            yield from _paths(v, path + (k,), inside)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            yield from _paths(v, path + (i,))
+            yield from _paths(v, path + (i,), inside)
 
 
 def _set(data, path, new):
@@ -181,6 +186,12 @@ def _set(data, path, new):
     for part in path[:-1]:
         target = target[part]
     target[path[-1]] = new
+    return data
+
+
+def _get(data, path):
+    for part in path:
+        data = data[part]
     return data
 
 
@@ -203,7 +214,13 @@ def mutated_data(draw):
     for _ in range(draw(st.integers(1, 3))):
         paths = list(_paths(data))
         path = draw(st.sampled_from(paths))
-        if path and draw(st.booleans()) and isinstance(path[-1], str) and draw(st.booleans()):
+        kind = draw(st.sampled_from(["value", "value", "rename", "share"]))
+        if kind == "share" and path:
+            # the same object in two places: safe_dump writes an anchor and an alias,
+            # and a recursive one when the other place is inside this one
+            other = draw(st.sampled_from(paths))
+            data = _set(data, path, _get(data, other))
+        elif kind == "rename" and path and isinstance(path[-1], str):
             new_key = draw(st.text(max_size=10) | st.integers(-2, 2) | st.sampled_from(
                 ["op", "method", "weights", "models", "deltas", "base", "stpes", "steps"]))
             data = _rename(data, path, new_key)
