@@ -17,6 +17,7 @@ import torch
 
 from weightflow.dsl.checkpoint import INDEX_SUFFIX, TensorInfo, read_header
 from weightflow.dsl.diagnostics import OpError
+from weightflow.ops._layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ST_TO_TORCH = {
@@ -26,8 +27,6 @@ ST_TO_TORCH = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 FLOAT_ST = {"F64", "F32", "F16", "BF16"}
-# Files of a Hugging Face model directory that travel with its weights.
-SIDE_FILE_GLOBS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 SIDE_FILE_SKIP = {"weightflow.json"}
 
 
@@ -55,7 +54,7 @@ class Checkpoint:
         self.label = label or str(directory)
         files = sorted(self.dir.glob(f"{prefix}*.safetensors" if prefix else "*.safetensors"))
         if not files:
-            pickled = [p.name for p in self.dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            pickled = [p.name for p in self.dir.glob("*") if p.suffix in PICKLE_SUFFIXES]
             hint = (f"; found {', '.join(pickled)}: pickle checkpoints are never loaded "
                     "(convert them to safetensors first)") if pickled else ""
             raise OpError(f"no safetensors weights in {self.label}{hint}")

@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from weightflow.dsl.diagnostics import OpError
 from weightflow.dsl.oplib import Dtype, Kind, OpParams, OpSpec
+from weightflow.ops._layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
 
 HF_PREFIX = "hf:"
 _HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+|[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -93,8 +94,6 @@ def resolve_hf(source: str) -> tuple[str, str]:
 
 
 def _local_files(src: Path) -> list[Path]:
-    from weightflow.ops._tensors import SIDE_FILE_GLOBS
-
     files = set(src.glob("*.safetensors"))
     for pattern in SIDE_FILE_GLOBS:
         files |= set(src.glob(pattern))
@@ -123,7 +122,7 @@ def fingerprint(params: LoadParams, env) -> dict:
 
 
 def _no_safetensors(src: Path) -> str:
-    pickled = sorted(p.name for p in src.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    pickled = sorted(p.name for p in src.glob("*") if p.suffix in PICKLE_SUFFIXES)
     hint = (f" (found {', '.join(pickled)}: pickle checkpoints are never loaded; convert them to "
             "safetensors)") if pickled else ""
     return f"no safetensors weights in {src}{hint}"
@@ -263,7 +262,6 @@ def run(inputs, params: LoadParams, ctx) -> dict:
     elif params.source.startswith(HF_PREFIX):
         repo, sha = resolve_hf(params.source)
         from huggingface_hub import snapshot_download
-        from weightflow.ops._tensors import SIDE_FILE_GLOBS
 
         patterns = ["*.safetensors", "*.safetensors.index.json", *SIDE_FILE_GLOBS]
         try:  # a pinned commit already in the local HF cache needs no network

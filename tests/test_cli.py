@@ -58,8 +58,9 @@ def test_frozen_cli_exits_nonzero(tmp_path, store_dir):
 
 @pytest.mark.parametrize("command", [["validate"], ["plan"], ["dag"], ["dag", "--mermaid"], ["status"],
                                      ["schema"], ["ops"]])
-def test_model_free_commands_do_not_import_torch(tmp_path, command, store_dir):
-    path = write_pipeline(tmp_path, PIPE)
+def test_model_free_commands_do_not_import_torch(tmp_path, command, store_dir, tiny_models):
+    # a local source directory too: plan/status fingerprint its files without torch
+    path = write_pipeline(tmp_path, PIPE + f"  local: {{op: load, source: {tiny_models['base']}}}\n")
     args = command + ([str(path)] if command[0] not in ("schema", "ops") else [])
     if command[0] in ("plan", "status"):
         args += ["--cache-dir", str(store_dir)]

@@ -458,6 +458,19 @@ def bench_hash(work: Path, size_gb: float) -> dict:
 
 # -- main -------------------------------------------------------------------------
 
+def _git_state() -> dict:
+    """The library version measured: HEAD and the files that differ from it."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"head": head, "modified": sorted(line[3:] for line in dirty if line.strip())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=1.0, help="size S of each synthetic model (GB)")
@@ -478,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "spine",
         "units": "MB = 1e6 bytes, GB = 1e9 bytes; RSS = resident set size",
         "size_gb": args.size_gb,
+        "git": _git_state(),
         "machine": {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / GB, 1),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "safetensors": safetensors.__version__,
@@ -527,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     doc["total_s"] = round(time.perf_counter() - started, 1)
+    if _git_state() != doc["git"]:
+        doc["warning"] = "the library changed while the benchmark ran: figures mix versions"
+        log(f"warning: {doc['warning']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
