@@ -69,6 +69,19 @@ class RunContext:
         self.writers.append(w)
         return w
 
+    def delta_writer(self, plan: list[TensorInfo], prefix: str = "delta"):
+        """A writer that stores each tensor dense or sparse (mask + values), automatically."""
+        from .sparse import DeltaWriter
+
+        w = DeltaWriter(self.out, plan, prefix=prefix, max_shard_bytes=self.shard_bytes)
+        self.writers.append(w)
+        return w
+
+    def data_path(self, path: str) -> Path:
+        """A data file path from the pipeline, resolved against the pipeline's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.pipeline_dir / p
+
     def progress(self, total: int, desc: str, unit: str = "tensor"):
         from tqdm import tqdm
 

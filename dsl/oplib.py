@@ -95,11 +95,23 @@ class OpSpec:
 _ADAPTERS: dict[str, tuple[Any, TypeAdapter]] = {}
 
 
-def field_markers(model: BaseModel) -> Iterator[tuple[str, Any, Any]]:
-    """Yield (field name, value, marker) for every ref/data field of a params instance."""
+def field_markers(model: BaseModel, prefix: tuple = ()) -> Iterator[tuple[tuple, Any, Any]]:
+    """Yield (path, value, marker) for every ref/data field of a params instance.
+
+    ``path`` uses the YAML spelling (aliases) and reaches into nested models, e.g.
+    ``('calibration', 'data')``; list items are handled by ``iter_values``.
+    """
     for name, info in type(model).model_fields.items():
+        key = prefix + (info.alias or name,)
+        value = getattr(model, name)
         for meta in _markers_of(info.annotation, info.metadata):
-            yield name, getattr(model, name), meta
+            yield key, value, meta
+        if isinstance(value, BaseModel):
+            yield from field_markers(value, key)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from field_markers(item, key + (i,))
 
 
 def _markers_of(annotation: Any, metadata: list) -> list:

@@ -109,9 +109,28 @@ def _fmt_loc(loc: tuple) -> str:
     return out
 
 
+MAX_INT_BITS = 64  # seeds and sizes; anything wider is a typo (and breaks str(), JSON, torch)
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else "<value>"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _huge_ints(value: Any, loc: tuple = ()):
+    """Locations of integers wider than MAX_INT_BITS inside a (tree-shaped) value."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > MAX_INT_BITS:
+            yield loc
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _huge_ints(v, loc + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _huge_ints(v, loc + (i,))
 
 
 def _short_list(text: str, limit: int = 200) -> str:
@@ -152,7 +171,12 @@ def _interpolate(value: Any, path: tuple, vars_: dict, col: _Collector, step: st
         return got if ok else value
     def repl(m):
         got, ok = lookup(m.group(1))
-        return str(got) if ok else m.group(0)
+        if not ok:
+            return m.group(0)
+        try:
+            return str(got)
+        except ValueError:  # a huge int; reported under 'vars'
+            return m.group(0)
     return _VAR_ANY.sub(repl, value)
 
 
@@ -176,8 +200,9 @@ def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:
         if key in data and not isinstance(data[key], str):
             col.at_value((key,), f"'{key}' must be a string, got {_short(data[key])}")
     seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        col.at_value(("seed",), f"'seed' must be a non-negative integer, got {_short(seed)}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0 or seed.bit_length() > MAX_INT_BITS:
+        col.at_value(("seed",), f"'seed' must be a non-negative integer below 2**{MAX_INT_BITS}, "
+                     f"got {_short(seed)}")
         seed = 0
     dtype = data.get("dtype", "float32")
     if dtype not in DTYPES:
@@ -191,27 +216,101 @@ def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:
     for name in list(vars_):
         if not isinstance(name, str) or not VAR_NAME.match(name):
             col.at_key(("vars", name), f"invalid variable name {_short(name)}: use letters, digits, '_', '-'")
+    for name, value in vars_.items():
+        for loc in _huge_ints(value):
+            col.at_value(("vars", name) + loc, f"variable '{name}': integer too large "
+                         f"(more than {MAX_INT_BITS} bits)")
     # Only well-named vars can be referenced (and listed in "known vars" hints).
     vars_ = {k: v for k, v in vars_.items() if isinstance(k, str) and VAR_NAME.match(k)}
     return seed, dtype, vars_
+
+
+def _split_loc(loc: tuple, raw: Any, kind: str) -> tuple[tuple, tuple | None, str | None]:
+    """Separate a pydantic error location into the path the user wrote and its union branch.
+
+    pydantic puts the name of a union member into locations (``('weights', 0, 'float')``,
+    ``(..., 'function-after[..., list[Rule]]', 0, 'value')``).  Walking the input along
+    the location tells those apart from real keys and indices: a part that is not a key
+    or index of the input there is a member name.  Returns (path as written, the path at
+    which the first union branches or None, that branch's name).
+    """
+    shown: list = []
+    cur, can_walk = raw, True
+    branch_at, branch = None, None
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if can_walk and isinstance(cur, dict) and isinstance(part, (str, int)) and part in cur:
+            shown.append(part)
+            cur = cur[part]
+        elif can_walk and isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            shown.append(part)
+            cur = cur[part]
+        elif isinstance(part, int) or (last and kind in ("missing", "extra_forbidden")):
+            shown.append(part)  # past what the input has: keep what pydantic says
+            can_walk = False
+        else:  # a union member's name: not part of the input
+            if branch_at is None:
+                branch_at, branch = tuple(shown), str(part)
+    return tuple(shown), branch_at, branch
+
+
+def _shape(value: Any) -> str:
+    return "list" if isinstance(value, (list, tuple)) else "dict" if isinstance(value, dict) else "scalar"
+
+
+def _branch_shape(name: str) -> str:
+    """What input a union member (as pydantic names it in locations) takes."""
+    inner = name.rsplit(",", 1)[-1].strip(" ]") if name.startswith("function-") else name
+    if re.match(r"^(list|tuple|set|frozenset)\b", inner) or "list[" in name:
+        return "list"
+    if inner.startswith("dict") or "dict[" in name or (inner[:1].isupper() and "[" not in inner):
+        return "dict"  # dict[...] or a nested model such as 'Rule'
+    return "scalar"
+
+
+def _walk(raw: Any, path: tuple) -> Any:
+    for part in path:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return raw
 
 
 def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, col: _Collector,
                     reported: set[tuple] = frozenset()):
     base = ("steps", name)
     allowed = _param_names(spec, raw)
+    entries = []
     for err in exc.errors(include_url=False):
         loc = tuple(err.get("loc", ()))
         kind = err.get("type", "")
         if spec.discriminator and loc and loc[0] == raw.get(spec.discriminator):
             loc = loc[1:]
-        # pydantic names union branches in locs (e.g. 'float', 'list[...]'): drop them.
-        loc = tuple(p for p in loc if isinstance(p, int) or p in raw or not _looks_like_type(p))
-        where = _fmt_loc(loc)
+        shown, branch_at, branch = _split_loc(loc, raw, kind)
+        entries.append((err, kind, shown, branch_at, branch))
+
+    # A value that fits no member of a union gets one error per member.  Keep those of
+    # the members shaped like the value (a list for a list...); if none is, all of them.
+    by_union: dict[tuple, set[str]] = {}
+    for _, _, _, at, branch in entries:
+        if at is not None:
+            by_union.setdefault(at, set()).add(branch)
+    keep: dict[tuple, set[str]] = {}
+    for at, branches in by_union.items():
+        shape = _shape(_walk(raw, at))
+        fitting = {b for b in branches if _branch_shape(b) == shape}
+        keep[at] = fitting or branches
+    entries = [e for e in entries if e[3] is None or e[4] in keep[e[3]]]
+
+    # Errors of several members at one place become one message ("a valid number or a valid list").
+    generic: dict[tuple, list] = {}
+    for err, kind, loc, _, _ in entries:
         if any(base + loc[:len(f) - 2] == f for f in col.failed if f[:2] == base):
             continue  # an unresolved ${vars...} here is reported already
         if loc in reported:
             continue  # _strict_scalar_problems said it more plainly
+        where = _fmt_loc(loc)
         if kind == "extra_forbidden":
             key = loc[-1] if loc else "?"
             opts = sorted(allowed) if len(loc) == 1 else []
@@ -219,8 +318,8 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
             exp = f"; expected one of: {', '.join(opts)}" if opts else ""
             col.at_key(base + loc, f"unknown parameter '{where}' for op '{spec.name}'{hint}{exp}", name)
         elif kind == "missing":
-            col.at_key(base, f"missing required parameter '{where}' for op '{spec.name}'", name)
-        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            col.at_key(base + loc[:-1], f"missing required parameter '{where}' for op '{spec.name}'", name)
+        elif kind in ("union_tag_invalid", "union_tag_not_found") and not loc:
             tags = _tags(spec)
             got = raw.get(spec.discriminator)
             if kind == "union_tag_not_found":
@@ -232,9 +331,13 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
                              f"{_short(got)} for op '{spec.name}'{hint}; "
                              f"expected one of: {', '.join(tags)}", name)
         else:
+            generic.setdefault(loc, []).append((err, kind))
+
+    for loc, errs in generic.items():
+        msgs, got = [], errs[0][0].get("input")
+        shown = f" (got {_short(got)})" if not isinstance(got, dict) else ""
+        for err, kind in errs:
             msg = err.get("msg") or "invalid value"
-            got = err.get("input")
-            shown = f" (got {_short(got)})" if not isinstance(got, dict) else ""
             if kind in ("value_error", "assertion_error"):
                 # Our own validators' messages say what is wrong; drop pydantic's prefix.
                 msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
@@ -246,11 +349,18 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
                     msg = f"must be one of {', '.join(choices)}, got {_short(got)}{hint}"
                     shown = ""
             msg = msg[0].lower() + msg[1:]
-            if not loc:
-                # A check across several parameters (e.g. load's 'source' vs 'config').
-                col.at_key(base, f"invalid parameters for op '{spec.name}': {msg}{shown}", name)
-            else:
-                col.at_value(base + loc, f"parameter '{where}': {msg}{shown}", name)
+            if msg not in msgs:
+                msgs.append(msg)
+        lead = "input should be "
+        if len(msgs) > 1 and all(m.startswith(lead) for m in msgs):
+            msg = lead + " or ".join(m[len(lead):] for m in msgs)
+        else:
+            msg = "; or ".join(msgs)
+        if not loc:
+            # A check across several parameters (e.g. load's 'source' vs 'config').
+            col.at_key(base, f"invalid parameters for op '{spec.name}': {msg}{shown}", name)
+        else:
+            col.at_value(base + loc, f"parameter '{_fmt_loc(loc)}': {msg}{shown}", name)
 
 
 def _pattern_choices(pattern: str) -> list[str]:
@@ -309,12 +419,6 @@ def _strict_scalar_problems(model: type[BaseModel], raw: dict) -> list[tuple[tup
         if key in raw:
             check(info.annotation, raw[key], (key,))
     return problems
-
-
-def _looks_like_type(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in (
-        "float", "int", "str", "bool", "list", "dict", "function-after", "function-plain",
-        "constrained-float", "constrained-int", "constrained-str", "literal", "none"))
 
 
 def _tags(spec: OpSpec) -> list[str]:
@@ -382,6 +486,8 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
             params_raw[key] = pipeline_defaults[key]
     models = _models_for(spec, params_raw)
     strict = _strict_scalar_problems(models[0], params_raw) if len(models) == 1 else []
+    strict += [(loc, f"integer too large (more than {MAX_INT_BITS} bits)")
+               for loc in _huge_ints(params_raw)]
     for loc, message in strict:
         col.at_value(path + loc, f"parameter '{_fmt_loc(loc)}': {message}", name)
     try:
@@ -396,21 +502,20 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
         return None
     key_mark = col.pos.key(path)
     step = Step(name=name, op=spec, params=params, line=key_mark.line, col=key_mark.col)
-    for fname, value, marker in field_markers(params):
-        alias = type(params).model_fields[fname].alias or fname
+    for fpath, value, marker in field_markers(params):
         for sub, item in iter_values(value):
             if isinstance(marker, StepRef):
-                step.inputs.append(Edge(source=item, field=(alias,) + sub, kinds=marker.kinds))
+                step.inputs.append(Edge(source=item, field=fpath + sub, kinds=marker.kinds))
             elif isinstance(marker, DataFile):
                 if "\x00" in item:
-                    col.at_value(path + (alias,) + sub, f"data file path contains a NUL character: "
+                    col.at_value(path + fpath + sub, f"data file path contains a NUL character: "
                                  f"{_short(item)}", name)
                     continue
                 p = Path(os.path.expanduser(item))
                 p = p if p.is_absolute() else (base_dir / p)
-                step.data_files[(alias,) + sub] = p
+                step.data_files[fpath + sub] = p
                 if not p.is_file():
-                    col.at_value(path + (alias,) + sub, f"data file not found: {p}", name)
+                    col.at_value(path + fpath + sub, f"data file not found: {p}", name)
     return step
 
 

@@ -144,7 +144,7 @@ def stat_signature(root: Path) -> str:
 
 class Store:
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(os.path.expanduser(str(root))) if root else default_root()
+        self.root = (Path(os.path.expanduser(str(root))) if root else default_root()).resolve()
         self.memo = Memo(self.root / "memo.sqlite")
 
     # -- paths ---------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Plain YAML features work (anchors, aliases, merge keys ``<<``); Python tags do not
 (this is PyYAML's SafeLoader).  Duplicate keys, which PyYAML silently accepts, are
-errors.  Alongside the data we return ``Positions``: for each path of keys/indices,
+errors, and so are aliases that make a value contain itself and alias "bombs" that
+expand a small file into a huge tree.  Alongside the data we return ``Positions``: for each path of keys/indices,
 the 1-based line and column of the key and of the value, so later stages can point
 at the exact spot of a problem.
 """
@@ -123,7 +124,8 @@ class _Recursive(Exception):
 
 
 def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, paths: dict,
-            depth: int = 0, inside: frozenset = frozenset(), where: yaml.Mark | None = None) -> None:
+            depth: int = 0, inside: set | None = None, where: yaml.Mark | None = None) -> None:
+    inside = set() if inside is None else inside  # ids of the nodes on the path from the root
     if id(node) in inside:
         raise _Recursive(where or node.start_mark)
     loader.node_count += 1
@@ -133,7 +135,7 @@ def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, paths:
     # overrides the merged one), so positions are overwritten, not kept first.
     pos.values[path] = _mark(node.start_mark)
     paths.setdefault(id(node), path)
-    inside = inside | {id(node)}
+    inside.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -152,6 +154,7 @@ def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, paths:
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _record(item, path + (i,), pos, loader, paths, depth + 1, inside, node.start_mark)
+    inside.discard(id(node))
 
 
 def _owner_step(path: Path | None) -> str | None:

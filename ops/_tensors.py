@@ -10,12 +10,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from weightflow.dsl.checkpoint import INDEX_SUFFIX, TensorInfo, read_header
+from weightflow.dsl.checkpoint import INDEX_SUFFIX, ITEMSIZE, TensorInfo, read_header
+from weightflow.dsl.sparse import MASK_SUFFIX, SPARSE_META, VALUES_SUFFIX
 from weightflow.dsl.diagnostics import OpError
 from weightflow.ops._layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
 
@@ -60,13 +62,20 @@ class Checkpoint:
             raise OpError(f"no safetensors weights in {self.label}{hint}")
         self.info: dict[str, TensorInfo] = {}
         self._loc: dict[str, tuple[Path, int]] = {}  # name -> (file, absolute data offset)
+        self._sparse: dict[str, _SparseLoc] = {}     # tensors stored as mask + values
         for f in files:
             try:
                 header, start = read_header(f)
             except (OSError, ValueError) as exc:
                 raise OpError(f"cannot read {f.name} of {self.label}: {exc}") from None
+            sparse = json.loads((header.get("__metadata__") or {}).get(SPARSE_META, "{}"))
+            for name, spec in sparse.items():
+                mask, values = header[name + MASK_SUFFIX], header[name + VALUES_SUFFIX]
+                self.info[name] = TensorInfo(name, spec["dtype"], tuple(spec["shape"]))
+                self._sparse[name] = _SparseLoc(f, start + mask["data_offsets"][0],
+                                                start + values["data_offsets"][0], values["shape"][0])
             for name, meta in header.items():
-                if name == "__metadata__":
+                if name == "__metadata__" or name.split("::")[0] in sparse:
                     continue
                 if name in self.info:
                     raise OpError(f"tensor '{name}' appears in two shard files of {self.label}")
@@ -82,26 +91,72 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.info
 
-    def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Tensor ``name``, or only its rows ``start:stop`` along the first dimension."""
-        info = self.info[name]
-        path, offset = self._loc[name]
+    def _read(self, path: Path, offset: int, n: int) -> bytearray:
         fh = self._handles.get(path)
         if fh is None:
             fh = self._handles[path] = open(path, "rb")
+        buf = bytearray(n)
+        if n:
+            fh.seek(offset)
+            if fh.readinto(buf) != n:
+                raise OpError(f"{path.name} of {self.label} is truncated")
+        return buf
+
+    def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``name``, or only its rows ``start:stop`` along the first dimension."""
+        info = self.info[name]
         shape = info.shape
         rows = shape[0] if shape else 1
         start, stop = (0, rows) if start is None else (start, stop)
-        row_bytes = info.nbytes // rows if rows else 0
-        buf = bytearray((stop - start) * row_bytes)
-        if buf:
-            fh.seek(offset + start * row_bytes)
-            if fh.readinto(buf) != len(buf):
-                raise OpError(f"tensor '{name}' of {self.label} is truncated")
-            t = torch.frombuffer(buf, dtype=ST_TO_TORCH[info.dtype])
+        per_row = info.nbytes // ITEMSIZE[info.dtype] // rows if rows else 0
+        dtype = ST_TO_TORCH[info.dtype]
+        if name in self._sparse:
+            t = self._sparse_range(name, start * per_row, stop * per_row, dtype)
         else:
-            t = torch.empty(0, dtype=ST_TO_TORCH[info.dtype])
+            path, offset = self._loc[name]
+            item = ITEMSIZE[info.dtype]
+            buf = self._read(path, offset + start * per_row * item, (stop - start) * per_row * item)
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
         return t.reshape((stop - start,) + tuple(shape[1:])) if shape else t.reshape(())
+
+    def _sparse_range(self, name: str, s: int, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dense elements [s, e) of a mask + values tensor."""
+        import numpy as np
+
+        loc = self._sparse[name]
+        if loc.cursor[0] != s:  # not sequential: count the nonzeros before s afresh
+            loc.cursor = (s, self._count_bits(loc, 0, s))
+        b0, b1 = s // 8, (e + 7) // 8
+        bits = np.unpackbits(np.frombuffer(self._read(loc.file, loc.mask_offset + b0, b1 - b0), np.uint8),
+                             bitorder="little")[s - b0 * 8: s - b0 * 8 + (e - s)]
+        k = int(bits.sum())
+        item = torch.empty((), dtype=dtype).element_size()
+        vals = self._read(loc.file, loc.values_offset + loc.cursor[1] * item, k * item)
+        out = torch.zeros(e - s, dtype=dtype)
+        if k:
+            out[torch.from_numpy(bits.astype(bool))] = torch.frombuffer(vals, dtype=dtype)
+        loc.cursor = (e, loc.cursor[1] + k)
+        return out
+
+    def _count_bits(self, loc: "_SparseLoc", s: int, e: int) -> int:
+        import numpy as np
+
+        total, pos, step = 0, s, 1 << 26
+        while pos < e:
+            hi = min(e, pos + step)
+            b0, b1 = pos // 8, (hi + 7) // 8
+            bits = np.unpackbits(np.frombuffer(self._read(loc.file, loc.mask_offset + b0, b1 - b0), np.uint8),
+                                 bitorder="little")[pos - b0 * 8: pos - b0 * 8 + (hi - pos)]
+            total += int(bits.sum())
+            pos = hi
+        return total
+
+    def is_sparse(self, name: str) -> bool:
+        return name in self._sparse
+
+    def stored_bytes(self) -> int:
+        return sum(f.stat().st_size for f in {p for p, _ in self._loc.values()} |
+                   {loc.file for loc in self._sparse.values()})
 
     def is_float(self, name: str) -> bool:
         return self.info[name].dtype in FLOAT_ST
@@ -110,6 +165,15 @@ class Checkpoint:
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
+
+
+@dataclass
+class _SparseLoc:
+    file: Path
+    mask_offset: int
+    values_offset: int
+    nnz: int
+    cursor: tuple[int, int] = (0, 0)  # (element position, nonzeros before it) of the last read
 
 
 def row_ranges(shape: tuple[int, ...], max_elements: int | None = None):

@@ -29,7 +29,7 @@ def run(inputs, params: ExtractDeltaParams, ctx) -> dict:
 
     from weightflow.dsl.diagnostics import OpError
     from weightflow.ops._tensors import (
-        Checkpoint, TensorInfo, check_same_tensors, row_ranges, select, tensor_buffer)
+        Checkpoint, TensorInfo, check_same_tensors, row_ranges, select)
 
     model_art, base_art = inputs["model"], inputs["base"]
     model = Checkpoint(model_art.path, label=f"model '{model_art.step}'")
@@ -40,14 +40,14 @@ def run(inputs, params: ExtractDeltaParams, ctx) -> dict:
     if not names:
         raise OpError("include/exclude leave no tensor in the delta")
     plan = [TensorInfo(n, "F32", model.info[n].shape) for n in names]
-    writer = ctx.tensor_writer(plan, prefix=DELTA_PREFIX)
+    writer = ctx.delta_writer(plan, prefix=DELTA_PREFIX)
     sq = 0.0
     with ctx.progress(len(plan), "delta") as bar:
         for n in names:
             for lo, hi in row_ranges(model.info[n].shape):
                 d = model.get(n, lo, hi).to(torch.float32) - base.get(n, lo, hi).to(torch.float32)
                 sq += float(torch.sum(d.double() ** 2))
-                writer.append(n, tensor_buffer(d))
+                writer.append(n, d)
             bar.update(1)
     writer.close()
     ctx.info["l2_norm"] = sq ** 0.5  # a float sum: manifest, not content

@@ -148,6 +148,11 @@ def mutated_text(draw):
 @example('weightflow: 1\nvars: {0: 1, w: 2}\nsteps: {a: {op: load, source: "${vars.x}"}}\n')
 @example("weightflow: 1\nsteps: &s\n  a: {op: load, source: ./m}\n  b: *s\n")
 @example("weightflow: 1\nvars: &v {w: [*v]}\nsteps: {a: {op: load, source: ./m}}\n")
+@example("weightflow: 1\nseed: 0x" + "f" * 5000 + "\nsteps: {a: {op: load, source: ./m}}\n")
+@example("weightflow: 1\nsteps: {a: {op: load, source: ./m, init_seed: -0x" + "f" * 5000 + "}}\n")
+@example("weightflow: 1\nvars: {x: 0b" + "1" * 20000 + "}\nsteps: {a: {op: load, source: a${vars.x}}}\n")
+@example('weightflow: 1\nsteps: {a: {op: load, source: ./m}}\noutputs: {a: "~x\\0y"}\n')
+@example('weightflow: 1\nname: "\\ud800"\nsteps: {a: {op: load, source: ./m}}\n')
 @example("[" * 2000)
 @example("a: " + "[" * 2000 + "]" * 2000)
 def test_mutated_text_never_crashes(text):

@@ -28,6 +28,7 @@ directory in /tmp that is removed at the end (``--keep-tmp`` keeps it).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -467,8 +468,13 @@ def _git_state() -> dict:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.split("\n")
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"head": head, "modified": sorted(line[3:] for line in dirty if line.strip())}
+        head, dirty = "", []
+    files = {}  # the library code as it is on disk, committed or not
+    for f in sorted(list(root.glob("dsl/**/*.py")) + list(root.glob("ops/**/*.py"))):
+        files[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    lib = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    return {"head": head, "modified": sorted(line[3:] for line in dirty if line.strip()),
+            "library_sha256": lib, "_files": files}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,8 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     doc["total_s"] = round(time.perf_counter() - started, 1)
-    if _git_state() != doc["git"]:
-        doc["warning"] = "the library changed while the benchmark ran: figures mix versions"
+    before, after = doc["git"].pop("_files", {}), _git_state().get("_files", {})
+    changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
+    if changed:
+        doc["warning"] = (f"library files changed while the benchmark ran ({', '.join(changed)}): "
+                          "figures may mix versions")
         log(f"warning: {doc['warning']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
