@@ -184,21 +184,9 @@ def _entry_for(p, store, step: str):
 
 
 def _summary(entry) -> dict:
-    from .checkpoint import ITEMSIZE, list_tensors
+    from .inspect import summarize
 
-    out: dict = {}
-    tensors = []
-    for f in sorted(entry.path.glob("*.safetensors")):
-        tensors.extend(list_tensors(f))
-    if tensors:
-        params = 0
-        dtypes: dict[str, int] = {}
-        for t in tensors:
-            n = t.nbytes // ITEMSIZE[t.dtype]
-            params += n
-            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + n
-        out.update({"tensors": len(tensors), "parameters": params, "dtypes": dtypes,
-                    "bytes": sum(t.nbytes for t in tensors)})
+    out = summarize(entry.path, entry.kind) if list(entry.path.glob("*.safetensors")) else {}
     try:
         out["metadata"] = json.loads((entry.path / "weightflow.json").read_text())
     except (OSError, ValueError):
@@ -231,12 +219,30 @@ def cmd_show(args) -> int:
     print(f"created   {m.get('created')} in {m.get('seconds')}s")
     print(f"versions  {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}")
     summ = doc["summary"]
-    if "parameters" in summ:
-        print(f"weights   {summ['tensors']} tensors, {summ['parameters']:,} parameters, "
-              f"{', '.join(summ['dtypes'])}, {summ['bytes'] / 1e6:.1f} MB")
     meta = summ.get("metadata") or {}
+    if "parameters" in summ:
+        stored, dense = summ["stored_bytes"], summ["dense_bytes"]
+        print(f"weights   {summ['tensors']} tensors, {summ['parameters']:,} parameters, "
+              f"{', '.join(summ['dtypes'])}; {stored / 1e6:.2f} MB stored"
+              + (f" ({100 * stored / dense:.1f}% of dense)" if dense and stored != dense else ""))
+        if summ.get("sparsity") is not None:
+            print(f"sparsity  {100 * summ['sparsity']:.2f}% zeros overall")
     if meta.get("base"):
-        print(f"base      {meta['base']}")
+        names = {st.digest: n for n, st in statuses.items() if st.digest}
+        print(f"base      {meta['base']}" + (f" (step '{names[meta['base']]}')" if meta["base"] in names else ""))
+    if summ.get("per_tensor") and (entry.kind == "Delta" or args.tensors):
+        extra = meta.get("tensors") if isinstance(meta.get("tensors"), dict) else {}
+        rows = []
+        for r in summ["per_tensor"]:
+            e = extra.get(r["name"], {})
+            scale = e.get("q", e.get("scale"))
+            rows.append([r["name"], "x".join(map(str, r["shape"])), r["storage"],
+                         f"{r['density']:.4f}" if "density" in r else "-",
+                         f"{r['l2']:.4g}" if "l2" in r else "-",
+                         f"{scale:.4g}" if isinstance(scale, (int, float)) else "-"])
+        print()
+        _print_table(rows, ["TENSOR", "SHAPE", "STORAGE", "DENSITY", "L2", "Q" if "q" in str(extra) else "SCALE"])
+        print()
     if m.get("info"):
         print(f"info      {json.dumps(m['info'])[:500]}")
     print("lineage")
@@ -363,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "compare the pipeline with its lock file and the cache", cache=True)
     sp = add("show", cmd_show, "a step's manifest, summary and lineage", cache=True)
     sp.add_argument("step")
+    sp.add_argument("--tensors", action="store_true", help="per-tensor table for models too")
     sp = add("export", cmd_export, "write a step's output as a normal model directory", cache=True,
              json_=False)
     sp.add_argument("step")

@@ -106,9 +106,11 @@ class TopK:
         return keep.reshape(chunk.shape)
 
 
-def count_for(density: float, numel: int) -> int:
-    """Elements kept at ``density`` (mergekit's convention: int(density · n))."""
-    return int(density * numel)
+def count_for(density: float, numel: int, rounding: str = "floor") -> int:
+    """Elements kept at ``density``: int(density · n) as mergekit does for merges
+    (``floor``), or the nearest count (``round``) where the user gave a drop rate and
+    1 − p carries float error (1 − 0.9 = 0.0999…)."""
+    return int(round(density * numel)) if rounding == "round" else int(density * numel)
 
 
 def chunked(get: Callable[[int | None, int | None], torch.Tensor], ranges: list) -> Iterator[torch.Tensor]:

@@ -159,7 +159,7 @@ def run(inputs, params: DareParams, ctx) -> dict:
                 return (delta.get(name, lo, hi).to(torch.float32) for lo, hi in ranges)
 
             if params.selection == "magnitude":
-                fitted = TopK.fit(chunks, count_for(keep, numel))
+                fitted = TopK.fit(chunks, count_for(keep, numel, rounding="round"))
 
                 def masks():
                     sel = TopK(fitted.threshold, fitted.above, fitted.k)

@@ -83,11 +83,12 @@ def run(path: Path, store_dir: Path, **kwargs):
 
 
 def read_model(directory: Path) -> dict:
-    from safetensors.torch import load_file
+    """Every tensor of an artifact directory, dense (sparse deltas are decoded)."""
+    from weightflow.ops._tensors import Checkpoint
 
-    out = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        out.update(load_file(f))
+    ck = Checkpoint(directory)
+    out = {n: ck.get(n).clone() for n in ck.names()}
+    ck.close()
     return out
 
 
