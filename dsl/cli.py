@@ -23,10 +23,25 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _load(path: str):
+def _var_overrides(items: list[str] | None) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise WeightflowError(f"--var expects NAME=VALUE, got {item!r}")
+        try:
+            out[name] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            out[name] = value
+    return out
+
+
+def _load(path: str, args=None):
     from .pipeline import load_pipeline
 
-    p = load_pipeline(path)
+    p = load_pipeline(path, _var_overrides(getattr(args, "var", None)))
     for w in p.warnings:
         _err(w.format())
     return p
@@ -60,7 +75,7 @@ def _steps_json(pipeline, statuses) -> dict:
 # -- commands -------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
-    p = _load(args.pipeline)
+    p = _load(args.pipeline, args)
     if args.json:
         print(json.dumps({"pipeline": str(p.path), "valid": True, "steps": list(p.steps),
                           "warnings": [w.as_json() for w in p.warnings]}))
@@ -72,7 +87,7 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from .executor import plan
 
-    p = _load(args.pipeline)
+    p = _load(args.pipeline, args)
     _check_steps(p, args.target, "--target")
     _check_steps(p, args.force, "--force")
     statuses = plan(p, _store(args), args.target, args.force, warn=lambda m: _err(f"warning: {m}"))
@@ -90,7 +105,7 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from .executor import Runner
 
-    p = _load(args.pipeline)
+    p = _load(args.pipeline, args)
     _check_steps(p, args.target, "--target")
     _check_steps(p, args.force, "--force")
     show = sys.stderr.isatty() and not args.quiet
@@ -114,7 +129,7 @@ def cmd_run(args) -> int:
 def cmd_dag(args) -> int:
     from . import graph
 
-    p = _load(args.pipeline)
+    p = _load(args.pipeline, args)
     order = graph.topo_order(p)
     edges = [(e.source, name) for name in order for e in p.steps[name].inputs]
     edges = list(dict.fromkeys(edges))
@@ -144,7 +159,7 @@ def cmd_status(args) -> int:
     from . import lockfile
     from .executor import plan
 
-    p = _load(args.pipeline)
+    p = _load(args.pipeline, args)
     lock = lockfile.read(p.lock_path)
     statuses = plan(p, _store(args), warn=lambda m: _err(f"warning: {m}"))
     rows = []
@@ -195,7 +210,7 @@ def _summary(entry) -> dict:
 
 
 def cmd_show(args) -> int:
-    p = _load(args.pipeline)
+    p = _load(args.pipeline, args)
     _check_steps(p, [args.step], "step")
     store = _store(args)
     entry, statuses = _entry_for(p, store, args.step)
@@ -258,7 +273,7 @@ def cmd_show(args) -> int:
 def cmd_export(args) -> int:
     from .executor import export_artifact
 
-    p = _load(args.pipeline)
+    p = _load(args.pipeline, args)
     _check_steps(p, [args.step], "step")
     store = _store(args)
     entry, _ = _entry_for(p, store, args.step)
@@ -341,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         if pipeline:
             sp.add_argument("pipeline", help="pipeline YAML file")
+            sp.add_argument("--var", action="append", metavar="NAME=VALUE",
+                            help="override a pipeline variable (repeatable; VALUE is YAML)")
         if cache:
             sp.add_argument("--cache-dir", help="store directory (default: $WEIGHTFLOW_CACHE or "
                             "~/.cache/weightflow)")

@@ -396,22 +396,21 @@ def _strict_scalar_problems(model: type[BaseModel], raw: dict) -> list[tuple[tup
 
     def check(tp, value, loc):
         members = [m for m in _union_members(tp) if m is not type(None)]
-        if any(m is Any for m in members):
+        if not members or any(m is Any for m in members):
             return
-        origins = [typing.get_origin(m) for m in members]
-        if len(members) == 1 and origins[0] in (list, tuple) and isinstance(value, list):
-            args = typing.get_args(members[0])
-            if args and (origins[0] is list or (len(args) == 2 and args[1] is Ellipsis)):
+        if isinstance(value, list):
+            lists = [m for m in members if typing.get_origin(m) is list
+                     or (typing.get_origin(m) is tuple and typing.get_args(m)[-1:] == (Ellipsis,))]
+            if len(lists) == 1 and typing.get_args(lists[0]):
                 for i, item in enumerate(value):
-                    check(args[0], item, loc + (i,))
+                    check(typing.get_args(lists[0])[0], item, loc + (i,))
             return
-        plain = set(m for m, o in zip(members, origins) if o is None)
-        if not plain or len(plain) != len(members):
-            return
-        if isinstance(value, bool) and bool not in plain and plain <= {int, float}:
-            wanted = "an integer" if plain == {int} else "a number"
-            problems.append((loc, f"expected {wanted}, got a boolean ({str(value).lower()})"))
-        elif plain == {bool} and value is not None and not isinstance(value, bool):
+        if isinstance(value, bool):
+            # a list, mapping, model or str member does not take a boolean either
+            if bool not in members and any(m in (int, float) for m in members):
+                wanted = "an integer" if float not in members else "a number"
+                problems.append((loc, f"expected {wanted}, got a boolean ({str(value).lower()})"))
+        elif value is not None and all(m is bool for m in members):
             problems.append((loc, f"expected true or false, got {_short(value)}"))
 
     for fname, info in model.model_fields.items():
@@ -519,17 +518,22 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
     return step
 
 
-def parse_text(text: str, path: Path, display: str | None = None) -> Pipeline:
-    """Parse and validate pipeline ``text`` (read from ``path``); raise PipelineError."""
+def parse_text(text: str, path: Path, display: str | None = None,
+               var_overrides: dict | None = None) -> Pipeline:
+    """Parse and validate pipeline ``text`` (read from ``path``); raise PipelineError.
+
+    ``var_overrides`` replace (or add) ``vars`` before interpolation: the CLI's
+    ``--var NAME=VALUE``, so a library pipeline runs on a user's own inputs unedited.
+    """
     try:
-        return _parse_text(text, path, display or str(path))
+        return _parse_text(text, path, display or str(path), var_overrides or {})
     except RecursionError:
         # YAML reading already refuses deep documents; this guards the later walks.
         raise PipelineError([Diagnostic(display or str(path), 1, 1,
                                         "the pipeline nests too deeply to be checked")]) from None
 
 
-def _parse_text(text: str, path: Path, filename: str) -> Pipeline:
+def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pipeline:
     from .graph import check_graph  # graph checks need parsed steps first
 
     data, pos, yaml_diags = load_yaml(text, filename)
@@ -544,6 +548,8 @@ def _parse_text(text: str, path: Path, filename: str) -> Pipeline:
         raise PipelineError(col.items)
 
     seed, dtype, vars_ = _check_top(data, col)
+    if var_overrides:
+        vars_ = {**vars_, **var_overrides}
     steps_raw = data.get("steps")
     if "steps" not in data:
         col.at_value((), "missing required top-level key 'steps' (a mapping of step name -> step)")
@@ -606,8 +612,8 @@ def _parse_text(text: str, path: Path, filename: str) -> Pipeline:
     return pipeline
 
 
-def load_pipeline(path: str | os.PathLike) -> Pipeline:
-    """Read and validate the pipeline file at ``path``."""
+def load_pipeline(path: str | os.PathLike, var_overrides: dict | None = None) -> Pipeline:
+    """Read and validate the pipeline file at ``path`` (``var_overrides``: see parse_text)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -615,4 +621,4 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         raise PipelineError([Diagnostic(str(path), 1, 1, "pipeline file not found")])
     except (OSError, UnicodeDecodeError) as exc:
         raise PipelineError([Diagnostic(str(path), 1, 1, f"cannot read pipeline file: {exc}")])
-    return parse_text(text, p.resolve(), display=str(path))
+    return parse_text(text, p.resolve(), display=str(path), var_overrides=var_overrides)
