@@ -7,6 +7,7 @@ line, column and step.  The result is plain data; nothing downstream re-reads YA
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -94,10 +95,12 @@ class _Collector:
         self.failed: set[tuple] = set()
 
     def at_value(self, path, message, step=None):
+        step = step if isinstance(step, str) else None  # a non-string name is itself the error
         m = self.pos.value(path)
         self.items.append(Diagnostic(self.filename, m.line, m.col, message, step))
 
     def at_key(self, path, message, step=None):
+        step = step if isinstance(step, str) else None
         m = self.pos.key(path)
         self.items.append(Diagnostic(self.filename, m.line, m.col, message, step))
 
@@ -303,6 +306,20 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
         keep[at] = fitting or branches
     entries = [e for e in entries if e[3] is None or e[4] in keep[e[3]]]
 
+    # A misspelt key is both "unknown 'patern'" and "missing 'pattern'": say it once, as
+    # the unknown key with its correction.
+    missing: dict[tuple, set] = {}
+    for _, kind, loc, _, _ in entries:
+        if kind == "missing" and loc:
+            missing.setdefault(loc[:-1], set()).add(loc[-1])
+    explained: set[tuple] = set()
+    for _, kind, loc, _, _ in entries:
+        if kind == "extra_forbidden" and loc:
+            siblings = [m for m in missing.get(loc[:-1], ()) if isinstance(m, str)]
+            close = difflib.get_close_matches(str(loc[-1]), siblings, n=1, cutoff=0.6)
+            if close:
+                explained.add(loc[:-1] + (close[0],))
+
     # Errors of several members at one place become one message ("a valid number or a valid list").
     generic: dict[tuple, list] = {}
     for err, kind, loc, _, _ in entries:
@@ -314,10 +331,13 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
         if kind == "extra_forbidden":
             key = loc[-1] if loc else "?"
             opts = sorted(allowed) if len(loc) == 1 else []
-            hint = did_you_mean(key, opts) if opts else ""
+            siblings = [m for m in missing.get(loc[:-1], ()) if isinstance(m, str)]
+            hint = did_you_mean(key, opts or siblings)
             exp = f"; expected one of: {', '.join(opts)}" if opts else ""
             col.at_key(base + loc, f"unknown parameter '{where}' for op '{spec.name}'{hint}{exp}", name)
         elif kind == "missing":
+            if loc in explained:
+                continue
             col.at_key(base + loc[:-1], f"missing required parameter '{where}' for op '{spec.name}'", name)
         elif kind in ("union_tag_invalid", "union_tag_not_found") and not loc:
             tags = _tags(spec)
@@ -578,6 +598,7 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
         col.at_value(("outputs",), f"'outputs' must be a mapping of step name -> directory, got {_short(outputs_raw)}")
         outputs_raw = {}
     for name, target in outputs_raw.items():
+        who = name if isinstance(name, str) else None
         target = _interpolate(target, ("outputs", name), vars_, col, None)
         if name not in steps_raw:
             known = ", ".join(str(k) for k in steps_raw) or "none"
@@ -585,9 +606,9 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
                        f"{did_you_mean(name, steps_raw) if isinstance(name, str) else ''}; "
                        f"known steps: {_short_list(known)}")
         elif not isinstance(target, str) or not target:
-            col.at_value(("outputs", name), f"output directory must be a path string, got {_short(target)}", name)
+            col.at_value(("outputs", name), f"output directory must be a path string, got {_short(target)}", who)
         elif "\x00" in target:
-            col.at_value(("outputs", name), f"output directory contains a NUL character: {_short(target)}", name)
+            col.at_value(("outputs", name), f"output directory contains a NUL character: {_short(target)}", who)
         else:
             p = Path(os.path.expanduser(target))
             outputs[name] = p if p.is_absolute() else path.parent / p

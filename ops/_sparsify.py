@@ -110,7 +110,9 @@ def count_for(density: float, numel: int, rounding: str = "floor") -> int:
     """Elements kept at ``density``: int(density · n) as mergekit does for merges
     (``floor``), or the nearest count (``round``) where the user gave a drop rate and
     1 − p carries float error (1 − 0.9 = 0.0999…)."""
-    return int(round(density * numel)) if rounding == "round" else int(density * numel)
+    if rounding == "round":
+        return int(round(density * numel))
+    return max(1, int(density * numel)) if numel else 0  # mergekit keeps at least one
 
 
 def chunked(get: Callable[[int | None, int | None], torch.Tensor], ranges: list) -> Iterator[torch.Tensor]:

@@ -46,7 +46,7 @@ def run(inputs, params: ExtractDeltaParams, ctx) -> dict:
         for n in names:
             for lo, hi in row_ranges(model.info[n].shape):
                 d = model.get(n, lo, hi).to(torch.float32) - base.get(n, lo, hi).to(torch.float32)
-                sq += float(torch.sum(d.double() ** 2))
+                sq += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
                 writer.append(n, d)
             bar.update(1)
     writer.close()

@@ -373,8 +373,9 @@ def _delta_merge(inputs, p, ctx) -> dict:
                 selectors[i] = lambda c, sel=sel: torch.where(sel.mask(c), c, torch.zeros((), dtype=c.dtype))
             elif method == "breadcrumbs":
                 dens = resolve(p.density, name)
-                upper = TopK.fit(src, count_for(p.gamma + dens, numel))
-                lower = TopK.fit(src, count_for(p.gamma, numel))
+                n_top = int(p.gamma * numel)  # counted as mergekit's breadcrumbs does
+                upper = TopK.fit(src, n_top + int(dens * numel))
+                lower = TopK.fit(src, n_top)
 
                 def crumbs(c, upper=upper, lower=lower):
                     keep = upper.mask(c) & ~lower.mask(c)

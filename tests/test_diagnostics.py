@@ -143,6 +143,12 @@ CASES = [
             wieghts: [1.0]
         """, 8, 5, "m", ["unknown parameter 'wieghts' for op 'merge'", "did you mean 'weights'?",
                          "expected one of:", "normalize"]),
+    ("misspelt-required-parameter", """\
+        weightflow: 1
+        steps:
+          base: {op: load, source: ./m}
+          d: {op: extract-delta, modle: base, base: base}
+        """, 4, 26, "d", ["unknown parameter 'modle'", "did you mean 'model'?"]),
     ("missing-required-parameter", """\
         weightflow: 1
         steps:
@@ -595,3 +601,63 @@ def test_cli_validate_ok(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "ok (4 steps)" in r.stdout
+
+
+# -- union-typed parameters (one value, several accepted shapes) ----------------
+
+@pytest.fixture
+def union_op():
+    from typing import Union
+
+    from pydantic import BaseModel, ConfigDict
+
+    from weightflow.dsl.oplib import FiniteFloat, Kind, OpParams, OpSpec
+
+    class Rule(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        pattern: str
+        value: FiniteFloat
+
+    class Params(OpParams):
+        model: str
+        scale: Union[FiniteFloat, list[Rule]] = 1.0
+        factors: list[Union[FiniteFloat, list[Rule]]] = []
+        flag: bool = False
+
+    registry.register(OpSpec(name="test-union", version=1, output=Kind.MODEL, params=Params,
+                             run=lambda *a: {}, doc="union-typed params, for diagnostics tests"))
+    yield
+    registry.unregister("test-union")
+
+
+@pytest.mark.parametrize("params,line_col,fragments", [
+    # a scalar that fits no member: only the scalar member's complaint, once
+    ("scale: abc", (3, 40), ["parameter 'scale'", "valid number", "(got 'abc')"]),
+    (r"factors: [1, .inf]", (3, 46), ["parameter 'factors[1]'", "finite number", "(got inf)"]),
+    # a list: only the list member's complaint, at the rule's own field
+    ("scale: [{pattern: '*', value: x}]", (3, 63),
+     ["parameter 'scale[0].value'", "valid number", "(got 'x')"]),
+    # a mapping fits neither member: one combined message
+    ("scale: {pattern: '*', value: 1}", (3, 40), ["parameter 'scale'", "valid number or a valid list"]),
+    ("scale: [{patern: '*', value: 1}]", (3, 42), ["unknown parameter 'scale[0].patern'", "did you mean 'pattern'?"]),
+    ("factors: [true]", (3, 43), ["parameter 'factors[0]'", "expected a number, got a boolean (true)"]),
+    ("flag: 1", (3, 39), ["parameter 'flag'", "expected true or false, got 1"]),
+])
+def test_union_parameter_errors_are_reported_once(union_op, params, line_col, fragments):
+    text = f"weightflow: 1\nsteps:\n  u: {{op: test-union, model: m, {params}}}\n"
+    with pytest.raises(PipelineError) as info:
+        parse_text(text, Path("/nonexistent/p.yaml"), display="p.yaml")
+    diags = [d for d in info.value.diagnostics if "refers to" not in d.message]
+    assert len(diags) == 1, [d.format() for d in diags]
+    (d,) = diags
+    assert (d.line, d.col) == line_col and d.step == "u", d.format()
+    for fragment in fragments:
+        assert fragment in d.message, d.format()
+
+
+def test_union_parameter_valid_shapes(union_op):
+    text = ("weightflow: 1\nsteps:\n  m: {op: load, source: ./m}\n"
+            "  u: {op: test-union, model: m, scale: [{pattern: '*', value: 2}], factors: [1, 0.5]}\n")
+    p = parse_text(text, Path("/nonexistent/p.yaml"))
+    assert p.steps["u"].params.scale[0].value == 2.0
+    assert p.steps["u"].params.factors == [1.0, 0.5]

@@ -153,6 +153,7 @@ def mutated_text(draw):
 @example("weightflow: 1\nvars: {x: 0b" + "1" * 20000 + "}\nsteps: {a: {op: load, source: a${vars.x}}}\n")
 @example('weightflow: 1\nsteps: {a: {op: load, source: ./m}}\noutputs: {a: "~x\\0y"}\n')
 @example('weightflow: 1\nname: "\\ud800"\nsteps: {a: {op: load, source: ./m}}\n')
+@example("weightflow: 1\nsteps: {0: null}\noutputs: {0: null}\n")
 @example("[" * 2000)
 @example("a: " + "[" * 2000 + "]" * 2000)
 def test_mutated_text_never_crashes(text):
