@@ -65,6 +65,11 @@ class FingerprintEnv:
     def file_digest(self, path) -> str:
         return self.store.file_digest(Path(path))
 
+    def data_path(self, path: str) -> Path:
+        """A data file path from the pipeline, resolved against the pipeline's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
 
 @dataclass
 class Outcome:
@@ -116,6 +121,7 @@ class Planner:
         problems = []
         for name in names:
             step = self.p.steps[name]
+            known = len(problems)
             for path, file in step.data_files.items():
                 if not file.is_file():
                     problems.append(self.p.diagnostic(name, f"data file not found: {file}", path))
@@ -124,6 +130,13 @@ class Planner:
                     self._external[name] = _fingerprint(self.p, step, self.env)
                 except PipelineError as exc:
                     problems.extend(exc.diagnostics)
+            if step.op.preflight is not None and len(problems) == known:
+                try:
+                    step.op.preflight(step.params, self.env)
+                except OpError as exc:
+                    problems.append(self.p.diagnostic(name, str(exc)))
+                except OSError as exc:
+                    problems.append(self.p.diagnostic(name, f"cannot read its input: {exc}"))
         if problems:
             raise PipelineError(problems)
 

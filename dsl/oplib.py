@@ -79,6 +79,10 @@ class OpSpec:
     # Params left out of the key because ``fingerprint`` covers their content (a
     # load's ``source`` path: moving the model directory must not invalidate it).
     key_exclude: tuple[str, ...] = ()
+    # Cheap checks of external inputs run before any step of the pipeline executes
+    # (a data file's fields, label names): ``preflight(params, env)`` raises OpError,
+    # reported at the step's line.  ``env`` is the same as for ``fingerprint``.
+    preflight: Callable[..., None] | None = None
 
     @property
     def adapter(self) -> TypeAdapter:
