@@ -6,7 +6,8 @@
   are visited, on which other tensors are excluded, on how rows are chunked, or on
   parallelism.  ``key`` identifies the delta (its content digest), so two deltas
   pruned with one seed get independent masks, and an inline ``dare-ties`` merge
-  draws exactly the masks that explicit ``dare-prune`` steps would.
+  draws exactly the masks that explicit ``dare-prune`` steps would.  DELLA draws
+  from the same streams, with per-element keep probabilities ranked by magnitude.
 - ``TopK``: exact top-k by magnitude over a stream of chunks (one tensor, or a
   whole model for ``trim_scope: model``) by a two-pass radix select on the float32
   bit patterns of |x|; ties at the threshold are kept in index order, so exactly
@@ -29,9 +30,9 @@ def block_seed(seed: int, key: str, name: str, block: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def random_keep(seed: int, key: str, name: str, start: int, stop: int, keep_prob: float) -> torch.Tensor:
-    """Bernoulli(keep_prob) mask for the flat element range [start, stop) of a tensor."""
-    out = torch.empty(stop - start, dtype=torch.bool)
+def random_uniform(seed: int, key: str, name: str, start: int, stop: int) -> torch.Tensor:
+    """U(0, 1) draws for the flat element range [start, stop) of a tensor."""
+    out = torch.empty(stop - start, dtype=torch.float32)
     pos = start
     while pos < stop:
         block = pos // RNG_BLOCK
@@ -39,9 +40,24 @@ def random_keep(seed: int, key: str, name: str, start: int, stop: int, keep_prob
         u = torch.rand(RNG_BLOCK, generator=g)
         lo = pos - block * RNG_BLOCK
         hi = min(RNG_BLOCK, stop - block * RNG_BLOCK)
-        out[pos - start:pos - start + hi - lo] = u[lo:hi] < keep_prob
+        out[pos - start:pos - start + hi - lo] = u[lo:hi]
         pos += hi - lo
     return out
+
+
+def random_keep(seed: int, key: str, name: str, start: int, stop: int, keep_prob: float) -> torch.Tensor:
+    """Bernoulli(keep_prob) mask for the flat element range [start, stop) of a tensor."""
+    return random_uniform(seed, key, name, start, stop) < keep_prob
+
+
+def della_keep_prob(chunk: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MAGPRUNE keep probabilities: ranked by magnitude within each row, from
+    density − ε (smallest) to density + ε (largest); a 1-D tensor is one row."""
+    rows = chunk.reshape(1, -1) if chunk.dim() < 2 else chunk.reshape(chunk.shape[0], -1)
+    n = rows.shape[1]
+    rank = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1, stable=True).to(torch.float32)
+    rank_norm = rank / (n - 1) if n > 1 else torch.zeros_like(rank)
+    return ((density - epsilon) + 2 * epsilon * rank_norm).reshape(chunk.shape)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ Delta methods are one generalised task arithmetic, ``base + λ·combine(select(�
 | ``dare-ties`` | DARE: keep with probability ``density``, rescale | TIES |
 | ``dare-linear`` | DARE | Σ wᵢ·δᵢ |
 | ``breadcrumbs`` | drop the largest ``gamma`` and the smallest, keep ``density`` | Σ (or TIES with ``sign_consensus``) |
+| ``della`` | keep with probability density ± epsilon ranked by magnitude per row | TIES (or Σ) |
 
 TIES: elect each element's sign as sign(Σ wᵢ·δ̂ᵢ) (a zero sum elects +); mᵢ marks
 the nonzero wᵢ·δ̂ᵢ of the elected sign; the result is the disjoint weighted mean
@@ -156,9 +157,31 @@ class BreadcrumbsParams(_DeltaMerge):
         return self
 
 
+class DellaParams(_DeltaMerge):
+    """DELLA: magnitude-ranked drop probabilities (MAGPRUNE), rescale, sign consensus."""
+
+    method: Literal["della"]
+    density: PerTensor = Field(description="mean keep probability, in (0, 1]")
+    epsilon: FiniteFloat = Field(0.15, ge=0, description="spread of keep probabilities: density ± epsilon")
+    seed: int | None = Field(None, ge=0, description="mask seed (default: the pipeline's)")
+    rescale: Literal["dare", "l1", "none"] = Field("dare", description="kept values / their own keep "
+                                                   "probability (dare, as the DELLA paper), to the original "
+                                                   "L1 norm (l1, mergekit), or unscaled")
+    sign_consensus: bool = Field(True, description="TIES sign election (false: della-linear)")
+    normalize: bool = Field(True, description="with sign_consensus: disjoint mean or sum")
+    _d = field_validator("density")(_density)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        dens = [self.density] if isinstance(self.density, (int, float)) else [r.value for r in self.density]
+        if any(d - self.epsilon <= 0 or d + self.epsilon > 1 for d in dens):
+            raise ValueError("della needs 0 < density - epsilon and density + epsilon <= 1")
+        return self
+
+
 MergeParams = Annotated[
     Union[LinearParams, SlerpParams, TaskArithmeticParams, TiesParams, DareTiesParams, DareLinearParams,
-          BreadcrumbsParams],
+          BreadcrumbsParams, DellaParams],
     Field(discriminator="method"),
 ]
 
@@ -323,7 +346,7 @@ def _delta_merge(inputs, p, ctx) -> dict:
     import torch
 
     from weightflow.ops._params import resolve
-    from weightflow.ops._sparsify import TopK, count_for, random_keep
+    from weightflow.ops._sparsify import TopK, count_for, della_keep_prob, random_keep, random_uniform
     from weightflow.ops._tensors import Checkpoint, row_ranges
 
     base_art = inputs["base"]
@@ -336,7 +359,7 @@ def _delta_merge(inputs, p, ctx) -> dict:
                      f"to base {ctx.name_of(base_art.digest)} (patching onto a different base)")
     weights = list(p.weights) if p.weights is not None else [1.0] * len(deltas)
     method = p.method
-    consensus = method in ("ties", "dare-ties") or (method == "breadcrumbs" and p.sign_consensus)
+    consensus = method in ("ties", "dare-ties") or (method in ("breadcrumbs", "della") and p.sign_consensus)
     normalize = getattr(p, "normalize", False) if consensus else False
     seed = ctx.seed
     # per tensor: for each delta having it, a function chunk -> selected (and rescaled) chunk
@@ -403,6 +426,30 @@ def _delta_merge(inputs, p, ctx) -> dict:
                 masks = dare_masks()
                 selectors[i] = lambda c, masks=masks, factor=factor: torch.where(
                     next(masks), c * factor, torch.zeros((), dtype=c.dtype))
+            elif method == "della":
+                dens = resolve(p.density, name)
+
+                def della_parts(d=d, dens=dens, src=src):
+                    pos = 0
+                    for c in src():
+                        prob = della_keep_prob(c, dens, p.epsilon)
+                        u = random_uniform(seed, d.art.digest, name, pos, pos + c.numel()).reshape(c.shape)
+                        pos += c.numel()
+                        yield u < prob, prob
+                factor = None
+                if p.rescale == "l1":
+                    total = kept = 0.0
+                    for c, (m, _) in zip(src(), della_parts()):
+                        total += float(c.abs().sum(dtype=torch.float64))
+                        kept += float((c.abs() * m).sum(dtype=torch.float64))
+                    factor = total / kept if kept > 0 else 0.0
+                parts = della_parts()
+
+                def della(c, parts=parts, factor=factor):
+                    m, prob = next(parts)
+                    scaled = c / prob if p.rescale == "dare" else (c * factor if factor is not None else c)
+                    return torch.where(m, scaled, torch.zeros((), dtype=c.dtype))
+                selectors[i] = della
             else:
                 selectors[i] = lambda c: c
 

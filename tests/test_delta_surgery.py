@@ -307,3 +307,19 @@ steps:
     pb = read_model(obj(store_dir, dg["pb"]))
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(pa[name] != 0, pb[name] != 0)  # two deltas never share one mask
+
+
+def test_della_keep_probabilities_and_rescale(tmp_path, store_dir):
+    from weightflow.ops._sparsify import della_keep_prob
+
+    row = torch.tensor([[0.1, -4.0, 2.0, 0.5, -1.0]])
+    prob = della_keep_prob(row, 0.5, 0.2)
+    # ranks by |x|: 0.1->0, 0.5->1, -1->2, 2->3, -4->4 ; p = 0.3 + 0.4 * rank / 4
+    torch.testing.assert_close(prob, torch.tensor([[0.3, 0.7, 0.6, 0.4, 0.5]]))
+    d = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    got = toy_merge(tmp_path, store_dir, [d.tolist()], "{op: merge, method: della, base: base, deltas: [d0], "
+                    "density: 0.5, epsilon: 0.2, sign_consensus: false}", base=torch.zeros(64, 64))
+    kept = got != 0
+    assert 0.4 < kept.float().mean().item() < 0.6
+    expected = d / della_keep_prob(d, 0.5, 0.2)  # each kept value divided by its own keep probability
+    torch.testing.assert_close(got[kept], expected[kept])
