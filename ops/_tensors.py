@@ -39,7 +39,7 @@ def st_dtype_of(name: str) -> str:
 
 # Big tensors are processed in row chunks of at most this many elements, so streaming
 # ops hold a few chunks (tens of MB), not a few whole embedding matrices.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32: ~15 live temporaries stay well under 100 MB
 
 
 class Checkpoint:

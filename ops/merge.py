@@ -468,15 +468,24 @@ def _delta_merge(inputs, p, ctx) -> dict:
             for t in terms[1:]:
                 acc = acc.add_(t)
             return b + acc * p.lambda_
-        stacked = torch.stack(terms)
-        elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-        agree = torch.sign(stacked) == elected
-        mixed = (stacked * agree).sum(0)
-        if normalize:
-            w = torch.tensor(ws, dtype=torch.float32).reshape((-1,) + (1,) * (stacked.dim() - 1))
-            divisor = (w * agree).sum(0)
-            divisor = torch.where(divisor == 0, torch.ones((), dtype=divisor.dtype), divisor)
-            mixed = mixed / divisor
+        # TIES, accumulated in place (no stacked copies): elect the sign of the total
+        # mass (zero elects +), then sum only the agreeing nonzero terms.
+        total = terms[0].clone()
+        for t in terms[1:]:
+            total.add_(t)
+        positive = total >= 0
+        del total
+        zero = torch.zeros((), dtype=torch.float32)
+        mixed = torch.zeros_like(b)
+        divisor = torch.zeros_like(b) if normalize else None
+        for t, w in zip(terms, ws):
+            agree = torch.where(positive, t > 0, t < 0)
+            mixed.add_(torch.where(agree, t, zero))
+            if divisor is not None:
+                divisor.add_(agree.to(torch.float32), alpha=w)
+        if divisor is not None:
+            divisor[divisor == 0] = 1.0
+            mixed.div_(divisor)
         return b + mixed * p.lambda_
 
     n = _stream(ctx, base, base_art.path, compute, p.dtype or ctx.dtype, before=before)
