@@ -13,7 +13,6 @@ needs more memory than the tensor at hand and never needs a second read to hash.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -65,11 +64,31 @@ def hash_bytes(buf) -> str:
     return h.hexdigest()
 
 
+_READ_BLOCK = 1 << 24
+
+
+def _hash_range(fh, start: int, length: int, h) -> None:
+    """Feed ``length`` bytes from ``start`` into ``h`` through one reused 16 MB buffer.
+
+    Plain reads, not a memory map: mapped pages of a multi-GB file would count as
+    resident memory of the process for as long as the map lives.
+    """
+    buf = bytearray(min(_READ_BLOCK, max(length, 1)))
+    view = memoryview(buf)
+    fh.seek(start)
+    left = length
+    while left > 0:
+        n = fh.readinto(view[:min(left, len(buf))])
+        if not n:
+            raise ValueError(f"{fh.name}: file ends {left} bytes early")
+        h.update(view[:n])
+        left -= n
+
+
 def hash_file(path: str | os.PathLike) -> str:
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if os.path.getsize(path) == 0:
-        return h.hexdigest()
-    h.update_mmap(str(path))
+    with open(path, "rb") as fh:
+        _hash_range(fh, 0, os.path.getsize(path), h)
     return h.hexdigest()
 
 
@@ -207,28 +226,20 @@ def list_tensors(path: str | os.PathLike) -> list[TensorInfo]:
 
 
 def digest_safetensors(path: str | os.PathLike) -> list[TensorDigest]:
-    """Hash every tensor of one safetensors file from a memory map."""
+    """Hash every tensor of one safetensors file (buffered reads, bounded memory)."""
     header, start = read_header(path)
     size = os.path.getsize(path)
     out = []
     with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        try:
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                a, b = meta["data_offsets"]
-                if start + b > size:
-                    raise ValueError(f"{path}: tensor '{name}' runs past the end of the file")
-                view = memoryview(mm)[start + a:start + b] if mm is not None else b""
-                try:
-                    out.append(TensorDigest(name, meta["dtype"], tuple(meta["shape"]), hash_bytes(view)))
-                finally:
-                    if isinstance(view, memoryview):
-                        view.release()
-        finally:
-            if mm is not None:
-                mm.close()
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = meta["data_offsets"]
+            if start + b > size:
+                raise ValueError(f"{path}: tensor '{name}' runs past the end of the file")
+            h = blake3.blake3(max_threads=blake3.blake3.AUTO if b - a >= _HASH_THREADS_MIN else 1)
+            _hash_range(fh, start + a, b - a, h)
+            out.append(TensorDigest(name, meta["dtype"], tuple(meta["shape"]), h.hexdigest()))
     return out
 
 
