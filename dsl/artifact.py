@@ -49,7 +49,7 @@ class RunContext:
 
     def __init__(self, *, step: str, out: Path, seed: int, dtype: str, pipeline_dir: Path,
                  names: dict[str, str], shard_bytes: int, show_progress: bool,
-                 warn: Callable[[str], None]):
+                 warn: Callable[[str], None], log: Callable[[str], None] | None = None):
         self.step = step
         self.out = out
         self.seed = seed
@@ -60,6 +60,7 @@ class RunContext:
         self.info: dict[str, Any] = {}  # goes to the manifest, not the content
         self._names = names
         self._warn = warn
+        self._log = log
         self.writers: list[ShardedWriter] = []
 
     def tensor_writer(self, plan: list[TensorInfo], prefix: str = "model",
@@ -90,6 +91,11 @@ class RunContext:
 
     def warn(self, message: str) -> None:
         self._warn(f"step '{self.step}': {message}")
+
+    def log(self, message: str) -> None:
+        """Show a result to the user (e.g. evaluate's table); silenced by ``run --quiet``."""
+        if self._log is not None:
+            self._log(message)
 
     def name_of(self, digest: str) -> str:
         """A readable name for an artifact digest: its step name in this run, if any."""

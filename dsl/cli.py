@@ -1,8 +1,8 @@
 """The ``weightflow`` command line.
 
 Verbs follow how people think about pipelines (DVC's ``repro``/``status``/``dag``):
-``validate``, ``plan``, ``run``, ``dag``, ``status``, ``show``, ``export``, ``gc``,
-``schema``, ``ops``.  Commands that run no model never import torch.  User errors
+``validate``, ``plan``, ``run``, ``dag``, ``status``, ``show``, ``export``, ``report``,
+``gc``, ``schema``, ``ops``.  Commands that run no model never import torch.  User errors
 print ``FILE:LINE:COL: step 'NAME': message`` lines and exit with status 2, never a
 traceback; a failed step exits with status 1 and keeps every finished cache entry.
 """
@@ -284,6 +284,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import render
+
+    p = _load(args.pipeline, args)
+    done = render(p, _store(args), Path(args.out) if args.out else None)
+    if args.json:
+        print(json.dumps({"pipeline": str(p.path), "files": done["files"],
+                          "reports": done["reports"]}, indent=1))
+    else:
+        print(done["markdown"], end="")
+        _err(f"wrote {done['files']['markdown']} and {done['files']['html']}")
+    return 0
+
+
 def cmd_gc(args) -> int:
     from . import lockfile
 
@@ -391,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
              json_=False)
     sp.add_argument("step")
     sp.add_argument("dir")
+    sp = add("report", cmd_report, "render every evaluate report of a pipeline as Markdown and HTML "
+             "(bar charts)", cache=True)
+    sp.add_argument("--out", metavar="DIR", help="where to write PIPELINE.report.md and "
+                    ".report.html (default: beside the pipeline)")
     sp = add("gc", cmd_gc, "remove store entries that no given lock file references", pipeline=False,
              cache=True)
     sp.add_argument("locks", nargs="+", metavar="LOCK", help="lock files (or their pipelines) to keep")

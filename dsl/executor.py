@@ -342,10 +342,12 @@ class Runner:
                 art = Artifact(src.op.output, digests[edge.source],
                                self.store.object_path(digests[edge.source]), edge.source)
             field_name = edge.field[0]
-            if len(edge.field) > 1:
-                inputs.setdefault(field_name, {})[edge.field[1]] = art
-            else:
+            if len(edge.field) == 1:
                 inputs[field_name] = art
+            elif len(edge.field) == 2 and isinstance(edge.field[1], int):  # a list of refs
+                inputs.setdefault(field_name, {})[edge.field[1]] = art
+            else:  # a ref inside a nested param model, keyed by its dotted path
+                inputs[".".join(map(str, edge.field))] = art  # e.g. 'metrics.2.delta_norm.base'
         inputs = {k: ([v[i] for i in sorted(v)] if isinstance(v, dict) else v) for k, v in inputs.items()}
         started = time.perf_counter()
         with self.store.staging() as out:
@@ -354,7 +356,7 @@ class Runner:
             ctx = RunContext(step=name, out=out, seed=self.p.seed if seed is None else seed,
                              dtype=dtype or self.p.dtype,
                              pipeline_dir=self.p.base_dir, names=names, shard_bytes=self.shard_bytes,
-                             show_progress=self.show_progress, warn=self.warn)
+                             show_progress=self.show_progress, warn=self.warn, log=self.log)
             try:
                 meta = step.op.run(inputs, step.params, ctx) or {}
                 for w in ctx.writers:

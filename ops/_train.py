@@ -1,0 +1,535 @@
+"""The training machinery shared by ``finetune`` and ``unlearn`` (imports torch).
+
+Read it top to bottom as the ops use it: pick the task and load the model; read and
+encode the data (text with the model's tokenizer, or pre-tokenized ``input_ids``);
+optionally wrap the model with LoRA adapters; run the optimisation loop; merge the
+adapters and hand the weights to ``load.import_directory``.
+
+Determinism: everything random is drawn from explicit seeds -- the global generator
+(dropout, new heads, LoRA initialisation) is seeded with the step's seed, the example
+order per epoch comes from its own generator seeded with ``shuffle_seed`` -- and
+``torch.use_deterministic_algorithms`` is on while a step trains.  On CPU the same
+seed, data and params give bit-identical weights on the same machine and library
+versions (a different thread count or CPU may change floating-point reduction order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from weightflow.dsl.diagnostics import OpError
+from weightflow.ops._data import read_records
+from weightflow.ops._train_params import TrainParams, check_records, label_value, where
+
+IGNORE = -100  # label of positions without loss (prompt tokens, padding)
+TASK_CLASS = {"causal-lm": "ForCausalLM", "sequence-classification": "ForSequenceClassification"}
+_DEFAULT_LABEL = "LABEL_{}"
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """An independent seed for one purpose (e.g. drawing retain batches) from the step's seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:7], "big")
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, device: str = "cpu"):
+    """Seed the global generator and require deterministic kernels; restore both after."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OpError("device: cuda, but torch sees no CUDA device here (use device: cpu)")
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    state = torch.random.get_rng_state()
+    if device == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
+    torch.manual_seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
+            yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.random.set_rng_state(state)
+
+
+# -- the model -----------------------------------------------------------------------
+
+def _architectures(model_dir: Path) -> list[str]:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        raise OpError(f"{model_dir} has no readable config.json") from None
+
+
+def resolve_task(task: str, model_dir: Path) -> str:
+    """The task given, or the one the model's architecture names."""
+    if task != "auto":
+        return task
+    archs = _architectures(model_dir)
+    for name, suffix in TASK_CLASS.items():
+        if any(a.endswith(suffix) for a in archs):
+            return name
+    raise OpError(f"cannot tell the task from the model's architecture ({', '.join(archs) or 'none'}); "
+                  "set task: causal-lm or task: sequence-classification")
+
+
+def load_model(model_dir: Path, task: str, ctx):
+    """The input model in float32 for training (a missing head is initialised, seeded)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if not any(a.endswith(TASK_CLASS[task]) for a in _architectures(model_dir)):
+        ctx.warn(f"the input model has no {task} head: a new one is initialised from the seed "
+                 "(load the model with task: and num_labels: to control it)")
+    cls = (transformers.AutoModelForCausalLM if task == "causal-lm"
+           else transformers.AutoModelForSequenceClassification)
+    return cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer, or None when its directory has none (tiny test models)."""
+    import transformers
+
+    if not any((Path(model_dir) / f).is_file() for f in
+               ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir)
+    except Exception:
+        return None
+
+
+def pad_id_for(model, tokenizer) -> int:
+    for v in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id,
+              getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(v, int):
+            return v
+    eos = model.config.eos_token_id
+    return eos if isinstance(eos, int) else (eos[0] if isinstance(eos, list) and eos else 0)
+
+
+# -- data ----------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    ids: list[int]
+    target: list[int] | int  # per-token labels (causal LM; IGNORE = no loss) or a class id
+
+
+def read_data(params: TrainParams, path: Path, task: str) -> list[dict]:
+    rows = read_records(path, params.limit)
+    check_records(path, rows, params, task)
+    return rows
+
+
+def label_ids(model, files: list[tuple[Path, list[dict]]], field: str) -> dict | None:
+    """Map string labels to class ids (None: the labels are ints already).
+
+    A model whose labels have names (``id2label`` other than LABEL_0, ...) keeps them and
+    every string must be one of them; otherwise the strings found in the data, sorted,
+    become ids 0..k-1 and the model's ``id2label``/``label2id`` are set from them.
+    """
+    cfg = model.config
+    n = cfg.num_labels
+    kinds = {}
+    for path, rows in files:
+        for i, row in enumerate(rows, 1):
+            v = label_value(path, row[field])
+            kinds.setdefault(type(v).__name__, (path, i))
+    if len(kinds) > 1:
+        (p1, i1), (p2, i2) = kinds["int"], kinds["str"]
+        raise OpError(f"labels mix integers ({p1.name} {where(p1, i1)}) and strings ({p2.name} {where(p2, i2)}); "
+                      "use one kind in every data file")
+    if "str" not in kinds:
+        for path, rows in files:
+            for i, row in enumerate(rows, 1):
+                v = label_value(path, row[field])
+                if v >= n:
+                    raise OpError(f"{path}: {where(path, i)}: label {v} is out of range: the model's head has "
+                                  f"{n} labels (0..{n - 1}); load it with num_labels: to change that")
+        return None
+    id2label = {int(k): str(v) for k, v in (cfg.id2label or {}).items()}
+    named = any(v != _DEFAULT_LABEL.format(k) for k, v in id2label.items())
+    if named:
+        mapping = {v: k for k, v in id2label.items()}
+        for path, rows in files:
+            for i, row in enumerate(rows, 1):
+                v = row[field]
+                if v not in mapping:
+                    raise OpError(f"{path}: {where(path, i)}: label {v!r} is not one of the model's labels "
+                                  f"({', '.join(repr(x) for x in sorted(mapping))})")
+        return mapping
+    names = sorted({row[field] for _, rows in files for row in rows})
+    if len(names) > n:
+        raise OpError(f"the data has {len(names)} labels ({', '.join(map(repr, names[:10]))}) but the "
+                      f"model's head has {n}; load the model with num_labels: {len(names)}")
+    mapping = {name: i for i, name in enumerate(names)}
+    cfg.id2label = {i: mapping_name for mapping_name, i in mapping.items()} | {
+        i: _DEFAULT_LABEL.format(i) for i in range(len(names), n)}
+    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    return mapping
+
+
+class Encoder:
+    """Turns records into token ids and targets, as the params say."""
+
+    def __init__(self, params: TrainParams, task: str, model, tokenizer, model_dir: Path):
+        self.p = params
+        self.task = task
+        self.tok = tokenizer
+        self.model_dir = model_dir
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = min(params.max_length, limit) if isinstance(limit, int) and limit > 0 \
+            else params.max_length
+        self.eos = getattr(tokenizer, "eos_token_id", None)
+        self.vocab = model.get_input_embeddings().num_embeddings
+        self.labels: dict | None = None
+        self.pad_id = 0
+        self.dropped = 0
+
+    def _tokenizer(self, path: Path):
+        if self.tok is None:
+            raise OpError(f"{path}: text data needs the model's tokenizer, and {self.model_dir.name} has "
+                          "none; save a tokenizer into the model directory before loading it, or give "
+                          "pre-tokenized examples ({\"input_ids\": [...]} per line)")
+        return self.tok
+
+    def _ids(self, path: Path, i: int, value, what: str) -> list[int]:
+        if not isinstance(value, list) or not value or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise OpError(f"{path}: {where(path, i)}: '{what}' must be a non-empty list of integers")
+        bad = next((x for x in value if (x < 0 or x >= self.vocab) and not (what == "labels" and x == IGNORE)),
+                   None)
+        if bad is not None:
+            raise OpError(f"{path}: {where(path, i)}: token id {bad} in '{what}' is outside the model's "
+                          f"vocabulary of {self.vocab}")
+        return value
+
+    def encode(self, path: Path, rows: list[dict]) -> list[Example]:
+        p, out, dropped = self.p, [], 0
+        for i, row in enumerate(rows, 1):
+            if "input_ids" in row:
+                ids = self._ids(path, i, row["input_ids"], "input_ids")
+                labels = self._ids(path, i, row["labels"], "labels") if "labels" in row else list(ids)
+                if len(labels) != len(ids):
+                    raise OpError(f"{path}: {where(path, i)}: 'labels' has {len(labels)} entries, "
+                                  f"'input_ids' {len(ids)}")
+            elif p.prompt_field is not None:
+                tok = self._tokenizer(path)
+                prompt, response = str(row[p.prompt_field]), str(row[p.response_field])
+                if p.chat_template:
+                    if not getattr(tok, "chat_template", None):
+                        raise OpError(f"chat_template: the tokenizer of {self.model_dir.name} has no chat template")
+                    head = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                                   add_generation_prompt=True, tokenize=True)
+                    head = list(head["input_ids"] if hasattr(head, "keys") else head)
+                else:
+                    head = tok(prompt)["input_ids"]
+                tail = tok(response, add_special_tokens=False)["input_ids"]
+                if self.eos is not None:
+                    tail = tail + [self.eos]
+                ids = head + tail
+                labels = [IGNORE] * len(head) + tail
+            else:
+                tok = self._tokenizer(path)
+                text = str(row[p.text_field])
+                if self.task == "sequence-classification":
+                    ids = tok(text, truncation=True, max_length=self.max_length)["input_ids"]
+                else:
+                    ids = tok(text)["input_ids"]
+                    if self.eos is not None and (not ids or ids[-1] != self.eos):
+                        ids = ids + [self.eos]
+                labels = list(ids)
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if self.task == "sequence-classification":
+                v = label_value(path, row[p.label_field])
+                out.append(Example(ids, self.labels[v] if self.labels is not None else v))
+            elif any(t != IGNORE for t in labels[1:]):
+                out.append(Example(ids, labels))
+            else:
+                dropped += 1
+        if not out:
+            raise OpError(f"{path}: no example has a token to predict within max_length {self.max_length}")
+        self.dropped = dropped
+        return out
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # [B, T] token labels (causal LM) or [B] class ids
+
+
+def collate(examples: list[Example], pad_id: int, task: str, device: str = "cpu") -> Batch:
+    """Right-padded tensors; padding is masked out of attention and loss."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    if task == "causal-lm":
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    else:
+        labels = torch.tensor([e.target for e in examples], dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.ids)] = torch.tensor(e.ids)
+        mask[row, : len(e.ids)] = 1
+        if task == "causal-lm":
+            labels[row, : len(e.target)] = torch.tensor(e.target)
+    return Batch(ids.to(device), mask.to(device), labels.to(device))
+
+
+def batch_order(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of example indices: a fresh permutation every epoch, from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g).tolist()
+        for i in range(0, n, batch_size):
+            yield perm[i: i + batch_size]
+
+
+def total_steps(params: TrainParams, n_examples: int) -> int:
+    """Optimizer steps: ``max_steps``, or ``epochs`` over the data (HF Trainer's count)."""
+    if params.max_steps is not None:
+        return params.max_steps
+    per_epoch = math.ceil(math.ceil(n_examples / params.batch_size) / params.gradient_accumulation_steps)
+    return max(1, math.ceil(params.epochs * per_epoch))
+
+
+# -- losses --------------------------------------------------------------------------
+
+def _logits(model, batch: Batch, task: str) -> torch.Tensor:
+    kwargs = {"use_cache": False} if task == "causal-lm" else {}
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits.float()
+
+
+def sequence_nll(model, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per example: summed NLL of its targets (−log π(y)), number of target tokens; the logits.
+
+    Causal LM: token t is predicted from the logits at t−1.  Classification: one target,
+    the label.
+    """
+    logits = _logits(model, batch, task)
+    if task == "causal-lm":
+        lg, lb = logits[:, :-1], batch.labels[:, 1:]
+        nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=IGNORE,
+                              reduction="none").view(lb.shape)
+        return nll.sum(1), (lb != IGNORE).sum(1), logits
+    nll = F.cross_entropy(logits, batch.labels, reduction="none")
+    return nll, torch.ones_like(nll, dtype=torch.long), logits
+
+
+def mean_nll(nll_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Token-averaged NLL over a batch (what a model's built-in ``loss`` is)."""
+    return nll_sum.sum() / n_tokens.sum().clamp(min=1)
+
+
+def kl_to_reference(model, ref, batch: Batch, task: str) -> torch.Tensor:
+    """KL(π_ref ‖ π_θ) per target position (per example for classification), averaged."""
+    cur = _logits(model, batch, task)
+    with torch.no_grad():
+        old = _logits(ref, batch, task)
+    if task == "causal-lm":
+        cur, old = cur[:, :-1], old[:, :-1]
+        mask = (batch.labels[:, 1:] != IGNORE).float()
+    else:
+        mask = torch.ones(cur.shape[0], device=cur.device)
+    lp, lq = F.log_softmax(cur, -1), F.log_softmax(old, -1)
+    kl = (lq.exp() * (lq - lp)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, task: str,
+             device: str = "cpu") -> dict:
+    """Mean token NLL over ``examples`` in eval mode (and accuracy for classification)."""
+    was_training = model.training
+    model.eval()
+    total, tokens, correct = 0.0, 0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        batch = collate(chunk, pad_id, task, device)
+        nll_sum, n_tok, logits = sequence_nll(model, batch, task)
+        total += float(nll_sum.double().sum())
+        tokens += int(n_tok.sum())
+        if task == "sequence-classification":
+            correct += int((logits.argmax(-1) == batch.labels).sum())
+    model.train(was_training)
+    out = {"loss": total / max(tokens, 1)}
+    if task == "sequence-classification":
+        out["accuracy"] = correct / len(examples)
+    return out
+
+
+# -- LoRA ----------------------------------------------------------------------------
+
+def _adaptable(model) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    return [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
+
+
+def attach_lora(model, lora, task: str):
+    """Wrap ``model`` with LoRA adapters (peft); a target that matches no module is an error."""
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise OpError("lora needs peft: pip install peft") from None
+    names = _adaptable(model)
+    targets = lora.target_modules
+    if isinstance(targets, list):
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            short = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise OpError(f"lora.target_modules: no module of the model matches {', '.join(map(repr, missing))}; "
+                          f"its adaptable modules are named {', '.join(short)} (or use 'all-linear')")
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        modules_to_save=lora.modules_to_save,
+        task_type=TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise OpError(f"lora: {str(exc).splitlines()[0]}") from None
+
+
+def enable_checkpointing(model, lora: bool) -> None:
+    """Recompute activations in backward instead of keeping them (less memory, ~30% slower)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise OpError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grads
+
+
+def save_adapter(peft_model, out: Path, tmp_root: Path) -> None:
+    """The adapter as ``adapter/`` (weights + config, stripped of paths and versions)."""
+    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+        peft_model.save_pretrained(tmp)
+        dest = out / "adapter"
+        dest.mkdir()
+        shutil.copyfile(Path(tmp) / "adapter_model.safetensors", dest / "adapter_model.safetensors")
+        cfg = json.loads((Path(tmp) / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = None
+        cfg.pop("peft_version", None)
+        for key in ("target_modules", "modules_to_save"):  # sets in peft: make the order stable
+            if isinstance(cfg.get(key), list):
+                cfg[key] = sorted(cfg[key])
+        (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+# -- optimisation --------------------------------------------------------------------
+
+def make_optimizer(model, params: TrainParams):
+    """AdamW or SGD; weight decay on matrices only (not on biases and norm weights)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": params.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=params.learning_rate)
+    return torch.optim.AdamW(groups, lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def make_scheduler(optimizer, params: TrainParams, steps: int):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear/cosine decay or constant."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(params.lr_scheduler, params.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(params.warmup_ratio * steps),
+                         num_training_steps=steps)
+
+
+def train(model, params: TrainParams, ctx, steps: int, micro_loss: Callable[[], tuple[torch.Tensor, dict]],
+          on_step: Callable[[int], None] | None = None) -> list[dict]:
+    """The loop: ``steps`` optimizer steps of ``gradient_accumulation_steps`` micro-batches.
+
+    ``micro_loss()`` draws the next micro-batch and returns (loss, numbers to log).
+    Returns the training curve: step, lr and the logged numbers, every ``logging_steps``.
+    """
+    optimizer = make_optimizer(model, params)
+    scheduler = make_scheduler(optimizer, params, steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    accum = params.gradient_accumulation_steps
+    curve: list[dict] = []
+    model.train()
+    with ctx.progress(steps, "train", unit="step") as bar:
+        for step in range(1, steps + 1):
+            logs: dict[str, float] = {}
+            for _ in range(accum):
+                loss, parts = micro_loss()
+                if not torch.isfinite(loss):
+                    raise OpError(f"training diverged at step {step}: the loss is {float(loss)}; "
+                                  "lower learning_rate (or max_grad_norm)")
+                (loss / accum).backward()
+                for k, v in parts.items():
+                    logs[k] = logs.get(k, 0.0) + float(v) / accum
+            if params.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % params.logging_steps == 0 or step == steps:
+                curve.append({"step": step, **{k: round(v, 6) for k, v in logs.items()}, "lr": lr})
+            bar.set_postfix(loss=f"{logs.get('loss', 0.0):.4g}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+    return curve
+
+
+# -- output --------------------------------------------------------------------------
+
+TOKENIZER_SKIP = {"config.json", "generation_config.json"}
+
+
+def save_model(model, src: Path, ctx, dtype: str) -> dict:
+    """Save the trained model (plus the input's tokenizer files) and import it into the store."""
+    import transformers
+
+    from weightflow.ops._tensors import side_files
+    from weightflow.ops.load import import_directory
+
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(dir=ctx.out.parent) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for f in side_files(src):
+            if f.name not in TOKENIZER_SKIP and not (Path(tmp) / f.name).exists():
+                shutil.copyfile(f, Path(tmp) / f.name)
+        return import_directory(Path(tmp), ctx, dtype)
+
+
+def prepare(model, params: TrainParams, task: str, model_dir: Path, ctx, files: dict[str, str | None],
+            ) -> tuple[Encoder, dict[str, list[Example]]]:
+    """Read every data file, map labels, encode: all input errors surface here, before training."""
+    tokenizer = load_tokenizer(model_dir)
+    encoder = Encoder(params, task, model, tokenizer, model_dir)
+    raw = {role: (ctx.data_path(f), read_data(params, ctx.data_path(f), task))
+           for role, f in files.items() if f is not None}
+    if task == "sequence-classification":
+        encoder.labels = label_ids(model, list(raw.values()), params.label_field)
+    encoded = {}
+    for role, (path, rows) in raw.items():
+        encoded[role] = encoder.encode(path, rows)
+        if encoder.dropped:
+            ctx.warn(f"{path.name}: {encoder.dropped} example(s) have no target token within "
+                     f"max_length {encoder.max_length} and are skipped")
+    encoder.pad_id = pad_id_for(model, tokenizer)
+    if task == "sequence-classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = encoder.pad_id  # heads that pool the last token need it
+    return encoder, encoded
