@@ -9,36 +9,20 @@ start (``random: true`` draws window positions with ``seed``).  Pre-tokenized
 
 from __future__ import annotations
 
-import json
 import random as _random
 from pathlib import Path
 
 import torch
 from weightflow.dsl.diagnostics import OpError
+from weightflow.ops._data import read_records
 from weightflow.ops._params import Calibration
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise OpError(f"{path}:{i}: not valid JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise OpError(f"{path}:{i}: each line must be a JSON object")
-            rows.append(row)
-    return rows
 
 
 def windows(cal: Calibration, data_path: Path, model_dir: Path, max_len: int | None) -> list[torch.Tensor]:
     """The calibration samples as 1-D LongTensors."""
     seq_len = min(cal.seq_len, max_len) if max_len else cal.seq_len
     if data_path.suffix == ".jsonl":
-        rows = _read_jsonl(data_path)
+        rows = read_records(data_path)
         if rows and "input_ids" in rows[0]:
             out = []
             for i, row in enumerate(rows[: cal.samples], 1):
