@@ -499,5 +499,5 @@ def run(inputs, params, ctx) -> dict:
     return METHODS.get(params.method, _delta_merge)(inputs, params, ctx)
 
 
-OP = OpSpec(name="merge", version=1, output=Kind.MODEL, params=MergeParams, run=run, doc=__doc__,
+OP = OpSpec(name="merge", version=2, output=Kind.MODEL, params=MergeParams, run=run, doc=__doc__,
             discriminator="method")
