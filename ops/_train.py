@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from weightflow.dsl.diagnostics import OpError
 from weightflow.ops._data import read_records
+from weightflow.ops._models import architectures, load_tokenizer, pad_id, save_model  # noqa: F401 (save_model re-exported)
 from weightflow.ops._train_params import TrainParams, check_records, label_value, where
 
 IGNORE = -100  # label of positions without loss (prompt tokens, padding)
@@ -67,18 +68,11 @@ def deterministic(seed: int, device: str = "cpu"):
 
 # -- the model -----------------------------------------------------------------------
 
-def _architectures(model_dir: Path) -> list[str]:
-    try:
-        return json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        raise OpError(f"{model_dir} has no readable config.json") from None
-
-
 def resolve_task(task: str, model_dir: Path) -> str:
     """The task given, or the one the model's architecture names."""
     if task != "auto":
         return task
-    archs = _architectures(model_dir)
+    archs = architectures(model_dir)
     for name, suffix in TASK_CLASS.items():
         if any(a.endswith(suffix) for a in archs):
             return name
@@ -92,34 +86,12 @@ def load_model(model_dir: Path, task: str, ctx):
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    if not any(a.endswith(TASK_CLASS[task]) for a in _architectures(model_dir)):
+    if not any(a.endswith(TASK_CLASS[task]) for a in architectures(model_dir)):
         ctx.warn(f"the input model has no {task} head: a new one is initialised from the seed "
                  "(load the model with task: and num_labels: to control it)")
     cls = (transformers.AutoModelForCausalLM if task == "causal-lm"
            else transformers.AutoModelForSequenceClassification)
     return cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-
-
-def load_tokenizer(model_dir: Path):
-    """The model's tokenizer, or None when its directory has none (tiny test models)."""
-    import transformers
-
-    if not any((Path(model_dir) / f).is_file() for f in
-               ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")):
-        return None
-    try:
-        return transformers.AutoTokenizer.from_pretrained(model_dir)
-    except Exception:
-        return None
-
-
-def pad_id_for(model, tokenizer) -> int:
-    for v in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id,
-              getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(v, int):
-            return v
-    eos = model.config.eos_token_id
-    return eos if isinstance(eos, int) else (eos[0] if isinstance(eos, list) and eos else 0)
 
 
 # -- data ----------------------------------------------------------------------------
@@ -495,25 +467,6 @@ def train(model, params: TrainParams, ctx, steps: int, micro_loss: Callable[[], 
 
 # -- output --------------------------------------------------------------------------
 
-TOKENIZER_SKIP = {"config.json", "generation_config.json"}
-
-
-def save_model(model, src: Path, ctx, dtype: str) -> dict:
-    """Save the trained model (plus the input's tokenizer files) and import it into the store."""
-    import transformers
-
-    from weightflow.ops._tensors import side_files
-    from weightflow.ops.load import import_directory
-
-    transformers.utils.logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory(dir=ctx.out.parent) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        for f in side_files(src):
-            if f.name not in TOKENIZER_SKIP and not (Path(tmp) / f.name).exists():
-                shutil.copyfile(f, Path(tmp) / f.name)
-        return import_directory(Path(tmp), ctx, dtype)
-
-
 def prepare(model, params: TrainParams, task: str, model_dir: Path, ctx, files: dict[str, str | None],
             ) -> tuple[Encoder, dict[str, list[Example]]]:
     """Read every data file, map labels, encode: all input errors surface here, before training."""
@@ -529,7 +482,7 @@ def prepare(model, params: TrainParams, task: str, model_dir: Path, ctx, files: 
         if encoder.dropped:
             ctx.warn(f"{path.name}: {encoder.dropped} example(s) have no target token within "
                      f"max_length {encoder.max_length} and are skipped")
-    encoder.pad_id = pad_id_for(model, tokenizer)
+    encoder.pad_id = pad_id(model, tokenizer)
     if task == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = encoder.pad_id  # heads that pool the last token need it
     return encoder, encoded

@@ -20,7 +20,7 @@ from typing import Literal, Union
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from weightflow.dsl.diagnostics import OpError
-from weightflow.dsl.oplib import DataPath, Dtype, FiniteFloat, OpParams
+from weightflow.dsl.oplib import Dtype, FiniteFloat, OpParams
 from weightflow.ops._data import SUFFIXES, read_records, require_fields
 
 TASKS = ("causal-lm", "sequence-classification")

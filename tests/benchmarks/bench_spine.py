@@ -546,6 +546,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    return finish(doc, started, args.out, log)
+
+
+def finish(doc: dict, started: float, out: str, log) -> int:
+    """Warn if the library changed mid-run, write the JSON results, print the total."""
     doc["total_s"] = round(time.perf_counter() - started, 1)
     before, after = doc["git"].pop("_files", {}), _git_state().get("_files", {})
     changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
@@ -553,10 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         doc["warning"] = (f"library files changed while the benchmark ran ({', '.join(changed)}): "
                           "figures may mix versions")
         log(f"warning: {doc['warning']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    log(f"total {doc['total_s']} s; results written to {out}")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    log(f"total {doc['total_s']} s; results written to {path}")
     return 0
 
 

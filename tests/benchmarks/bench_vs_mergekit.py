@@ -583,19 +583,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    doc["total_s"] = round(time.perf_counter() - started, 1)
     doc["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    before, after = doc["git"].pop("_files", {}), spine._git_state().get("_files", {})
-    changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
-    if changed:
-        doc["warning"] = (f"library files changed while the benchmark ran ({', '.join(changed)}): "
-                          "figures may mix versions")
-        log(f"warning: {doc['warning']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    log(f"total {doc['total_s']} s; results written to {out}")
-    return 0
+    return spine.finish(doc, started, args.out, log)
 
 
 if __name__ == "__main__":
