@@ -246,6 +246,26 @@ def _gold(path: Path, i: int, value, names: list[str] | None, label2id: dict | N
                   + ("one of the choices" if names is not None else "in the model's label2id"))
 
 
+def _allowed_labels(path: Path, labels, label2id: dict, n: int, examples) -> list[int]:
+    """The class ids a classifier's prediction is taken among: all, or the metric's ``labels``
+    (a multi-job head scored one job at a time).  Every gold label must be among them."""
+    if labels is None:
+        return list(range(n))
+    ids = []
+    for v in labels:
+        if isinstance(v, str) and v not in label2id:
+            raise OpError(f"accuracy: label {v!r} in 'labels' is not one of the model's labels "
+                          f"({', '.join(map(repr, sorted(label2id)))})")
+        i = int(label2id[v]) if isinstance(v, str) else v
+        if not 0 <= i < n:
+            raise OpError(f"accuracy: label {v!r} is outside the model's {n} labels")
+        ids.append(i)
+    for k, (_, gold) in enumerate(examples, 1):
+        if gold not in ids:
+            raise OpError(f"{path}: example {k}: its label (id {gold}) is not among the metric's labels {labels}")
+    return ids
+
+
 def accuracy(subject: Subject, m, ctx) -> tuple[dict, dict]:
     path = ctx.data_path(m.data)
     rows = read_records(path, m.limit)
@@ -267,6 +287,7 @@ def accuracy(subject: Subject, m, ctx) -> tuple[dict, dict]:
                 raise OpError(f"{path}: example {i}: label {gold} is outside the model's "
                               f"{model.config.num_labels} labels")
             examples.append((ids, gold))
+        allowed = _allowed_labels(path, m.labels, label2id, model.config.num_labels, examples)
         pad = _models.pad_id(model, tok)
         correct = 0
         for lo in range(0, len(examples), m.batch_size):
@@ -277,8 +298,9 @@ def accuracy(subject: Subject, m, ctx) -> tuple[dict, dict]:
             for r, (x, _) in enumerate(chunk):
                 ids[r, :len(x)] = torch.tensor(x)
                 attn[r, :len(x)] = 1
-            pred = model(input_ids=ids.to(subject.device), attention_mask=attn.to(subject.device)).logits.argmax(-1)
-            correct += sum(int(p) == g for p, (_, g) in zip(pred.tolist(), chunk))
+            logits = model(input_ids=ids.to(subject.device), attention_mask=attn.to(subject.device)).logits
+            pred = [allowed[j] for j in logits[:, allowed].argmax(-1).tolist()]
+            correct += sum(p == g for p, (_, g) in zip(pred, chunk))
         return {"acc": correct / len(examples), "acc_norm": None, "n": len(examples)}, {}
     _require_causal(subject, "accuracy (multiple choice)")
     tok = subject.need_tokenizer("multiple-choice accuracy")

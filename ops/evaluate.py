@@ -76,6 +76,8 @@ class AccuracyMetric(_Metric):
     text_field: str = Field("text", description="the input text (classifier) or question/context (LM)")
     label_field: str = Field("label", description="the gold label: an index, or a label/choice name")
     choices_field: str = Field("choices", description="causal LMs: the list of answer choices")
+    labels: list[str | int] | None = Field(None, min_length=2, description="classifiers: predict among these "
+                                           "labels only (names or ids), e.g. one job's labels of a shared head")
     target_delimiter: str = Field(" ", description="causal LMs: put between context and each choice")
     max_length: int | None = Field(None, ge=2, description="truncate inputs to this many tokens "
                                    "(default: the model's maximum)")

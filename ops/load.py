@@ -40,6 +40,8 @@ class LoadParams(OpParams):
     init_seed: int = Field(0, ge=0, description="seed for random initialisation (config models, new heads)")
     task: Literal["auto", "causal-lm", "sequence-classification"] = "auto"
     num_labels: int | None = Field(None, ge=1, description="labels of a sequence-classification head")
+    labels: list[str] | None = Field(None, min_length=1, description="names of the head's labels, in id order "
+                                     "(sets num_labels); data labels are then matched by name")
     dtype: Dtype | None = Field(None, description="dtype of the stored weights (default: pipeline dtype)")
     trust_remote_code: bool = Field(False, description="allow a hub model's own Python code to run")
 
@@ -54,8 +56,14 @@ class LoadParams(OpParams):
             raise ValueError("'gguf_file' needs 'source' to be a local directory holding that file")
         if self.config is not None and not isinstance(self.config.get("model_type"), str):
             raise ValueError("'config' needs a 'model_type' (e.g. llama, bert, gpt2)")
-        if self.num_labels is not None and self.task != "sequence-classification":
-            raise ValueError("'num_labels' applies only with task: sequence-classification")
+        for name in ("num_labels", "labels"):
+            if getattr(self, name) is not None and self.task != "sequence-classification":
+                raise ValueError(f"'{name}' applies only with task: sequence-classification")
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"'labels' has duplicates: {self.labels}")
+            if self.num_labels is not None and self.num_labels != len(self.labels):
+                raise ValueError(f"num_labels: {self.num_labels} but {len(self.labels)} labels are named")
         return self
 
 
@@ -172,6 +180,10 @@ def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, t
     extra = {}
     if params.num_labels is not None:
         extra["num_labels"] = params.num_labels
+    if params.labels is not None:
+        extra.pop("num_labels", None)  # implied by id2label (transformers rejects a mismatch)
+        extra["id2label"] = dict(enumerate(params.labels))
+        extra["label2id"] = {name: i for i, name in enumerate(params.labels)}
     if params.config is not None:
         cfg = dict(params.config)
         model_type = cfg.pop("model_type")

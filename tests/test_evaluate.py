@@ -273,6 +273,46 @@ steps:
     assert got["n"] == 11 and got["acc"] == pytest.approx(sum(p == t for p, t in zip(pred, gold)) / 11)
 
 
+def test_named_labels_and_accuracy_among_one_jobs_labels(tmp_path, store_dir):
+    """load's ``labels`` names the head; accuracy's ``labels`` takes the argmax among a subset
+    (one job of a shared head), by hand; a gold label outside the subset is an error."""
+    cfg = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64}
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": torch.randint(1, 100, (int(n),), generator=g).tolist(), "label": ["neg", "pos"][i % 2]}
+            for i, n in enumerate(torch.randint(3, 20, (16,), generator=g))]
+    (tmp_path / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "other.jsonl").write_text(json.dumps({"input_ids": [5, 6], "label": "space"}) + "\n")
+    text = f"""
+weightflow: 1
+steps:
+  clf: {{op: load, config: {json.dumps(cfg)}, task: sequence-classification, labels: [neg, pos, atheism, space], init_seed: 2}}
+  scores:
+    op: evaluate
+    models: clf
+    metrics:
+      - accuracy: {{data: job.jsonl, labels: [neg, pos], label: among}}
+      - accuracy: {{data: job.jsonl, label: all}}
+      - accuracy: {{data: job.jsonl, labels: [1, 0], label: ids}}
+outputs: {{clf: out/clf}}
+"""
+    outcome, _ = run(write_pipeline(tmp_path, text), store_dir)
+    model = hf(tmp_path / "out" / "clf")
+    assert model.config.id2label == {0: "neg", 1: "pos", 2: "atheism", 3: "space"}
+    gold = [model.config.label2id[r["label"]] for r in rows]
+    with torch.no_grad():
+        logits = [model(torch.tensor([r["input_ids"]])).logits[0] for r in rows]
+    among = sum(int(lg[:2].argmax()) == t for lg, t in zip(logits, gold)) / len(rows)
+    overall = sum(int(lg.argmax()) == t for lg, t in zip(logits, gold)) / len(rows)
+    report = report_of(store_dir, outcome)
+    assert values(report, 0, "among")["acc"] == pytest.approx(among)
+    assert values(report, 0, "ids")["acc"] == pytest.approx(among)
+    assert values(report, 0, "all")["acc"] == pytest.approx(overall)
+    bad = text.replace("data: job.jsonl, label: all", "data: other.jsonl, labels: [neg, pos], label: all")
+    with pytest.raises(Exception, match=r"other.jsonl: example 1: its label \(id 3\) is not among"):
+        run(write_pipeline(tmp_path, bad, "bad.yaml"), store_dir)
+
+
 def test_loss_forget_retain_sparsity_and_delta_norm_by_hand(tmp_path, store_dir):
     base_dir = save_tiny_llama(tmp_path / "base", seed=5)
     g = torch.Generator().manual_seed(2)

@@ -307,7 +307,17 @@ def _unlearn_data(tmp_path: Path) -> None:
 
 def test_unlearning_methods_raise_forget_loss_and_spare_retain(tmp_path, store_dir):
     """A tiny Llama first fits forget + retain sequences; then each method takes the same 20
-    steps (AdamW, lr 1e-3, batch 8) on it.  The retain term must protect the retain set."""
+    steps (AdamW, lr 1e-3, batch 8) on it.  The retain term must protect the retain set,
+    while the forget loss still rises by most of what plain ascent achieves.
+
+    Not asserted, because it is false here and in every principled setup tried: that
+    grad-diff and NPO raise the forget loss at least as much as grad-ascent.  To first order
+    (plain SGD, g_f = ∇NLL_forget, g_r = ∇NLL_retain) a grad-ascent step raises the retain
+    loss by lr·g_f·g_r, and a grad-diff step raises the forget loss by lr·(|g_f|² − g_f·g_r):
+    grad-diff out-forgets grad-ascent only if grad-ascent leaves the retain set unharmed
+    (here cos(g_f, g_r) ≈ 0.13 > 0).  NPO's gradient is grad-ascent's on each sequence times
+    2σ(−β·Δnll) ≤ 1, so under a scale-free optimizer (AdamW, clipping) it follows grad-ascent
+    and then slows as the weight decays (Zhang et al. 2024: slower divergence)."""
     _unlearn_data(tmp_path)
     common = "model: known, forget: forget.jsonl, retain: retain.jsonl, max_steps: 20, learning_rate: 0.001"
     steps = "\n".join(f"  {m.replace('-', '_')}: {{op: unlearn, method: {m}, {common}}}"
@@ -324,8 +334,7 @@ def test_unlearning_methods_raise_forget_loss_and_spare_retain(tmp_path, store_d
     ga, gd, npo = rise["grad_ascent"], rise["grad_diff"], rise["npo"]
     assert ga["forget"] > 2.0
     for r in (gd, npo):
-        # comparable forgetting (see the note in the report: with AdamW at equal steps plain
-        # ascent, which also damages everything else, raises the forget loss somewhat more) ...
+        # most of grad-ascent's forgetting (measured: grad-diff 0.95x, NPO 0.84x) ...
         assert r["forget"] > 0.75 * ga["forget"]
         # ... with the retain set protected
         assert r["retain"] < ga["retain"] and r["retain"] < 0.1 * r["forget"]
