@@ -9,6 +9,7 @@ for generation); padding never counts.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -244,6 +245,15 @@ def _gold(path: Path, i: int, value, names: list[str] | None, label2id: dict | N
         return int(label2id[value])
     raise OpError(f"{path}: example {i}: label {value!r} is not "
                   + ("one of the choices" if names is not None else "in the model's label2id"))
+
+
+def _architecture(art) -> str | None:
+    """The model class named in the checkpoint's config (every Model op writes one)."""
+    try:
+        archs = json.loads((art.path / "config.json").read_text()).get("architectures") or [None]
+    except (OSError, ValueError):
+        archs = art.meta.get("architectures") or [None]
+    return archs[0]
 
 
 def _allowed_labels(path: Path, labels, label2id: dict, n: int, examples) -> list[int]:
@@ -623,8 +633,7 @@ def evaluate(inputs, params: EvaluateParams, ctx) -> dict:
         metrics.append({"label": names[j], "metric": kind, "columns": cols, "params": params_doc})
     report = {
         "format": REPORT_FORMAT,
-        "models": [{"digest": a.digest, "architecture": (a.meta.get("architectures") or [None])[0]}
-                   for a in arts],
+        "models": [{"digest": a.digest, "architecture": _architecture(a)} for a in arts],
         "metrics": metrics,
         "results": results,
     }
