@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.weightflow-installed
 EXAMPLES := $(VENV)/.weightflow-examples
 WF     := $(VENV)/bin/weightflow
 
-.PHONY: quickstart smollm2 test test-slow bench install clean
+.PHONY: quickstart smollm2 test test-slow bench compare-llmcompressor install clean
 
 # torch first, alone, and pinned for every later install through the constraints file
 $(BASE):
@@ -55,6 +55,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_spine.py
+
+# Wanda masks and time against llm-compressor, in its own venv (it needs an older transformers)
+compare-llmcompressor:
+	test -x .venv-llmc/bin/python || bash tests/benchmarks/llmcompressor_venv.sh .venv-llmc
+	.venv-llmc/bin/python -m pytest -q tests/test_vs_llmcompressor.py
+	.venv-llmc/bin/python tests/benchmarks/bench_wanda.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
