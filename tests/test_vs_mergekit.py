@@ -89,3 +89,52 @@ def test_ties_matches_mergekit(merged, step, weights, density, normalize):
     # and the comparison is not vacuous: the merge really trimmed and changed the base
     base = read_model(m["base"])
     assert not torch.equal(ours["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.fixture(scope="module")
+def merged_whole(tmp_path_factory, tiny_models):
+    """model_stock (per tensor and filter-wise) and nearswap, each added as one method file."""
+    tmp = tmp_path_factory.mktemp("vs_mergekit_whole")
+    m = {k: str(v) for k, v in tiny_models.items()}
+    text = f"""
+weightflow: 1
+dtype: float32
+steps:
+  base: {{op: load, source: {m['base']}}}
+  a: {{op: load, source: {m['ft_a']}}}
+  b: {{op: load, source: {m['ft_b']}}}
+  stock: {{op: merge, method: model_stock, base: base, models: [a, b]}}
+  stock_rows: {{op: merge, method: model_stock, base: base, models: [a, b], filter_wise: true}}
+  swap: {{op: merge, method: nearswap, base: base, models: [a], t: 0.01}}
+outputs: {{stock: out/stock, stock_rows: out/stock_rows, swap: out/swap}}
+"""
+    run(write_pipeline(tmp, text), tmp / "cache")
+    return tmp, m
+
+
+@pytest.mark.parametrize("step,filter_wise", [("stock", False), ("stock_rows", True)])
+def test_model_stock_matches_mergekit(merged_whole, step, filter_wise):
+    tmp, m = merged_whole
+    theirs = mergekit({"merge_method": "model_stock", "base_model": m["base"], "dtype": "float32",
+                       "parameters": {"filter_wise": filter_wise},
+                       "models": [{"model": m["base"]}, {"model": m["ft_a"]}, {"model": m["ft_b"]}]},
+                      tmp / f"mk_{step}")
+    ours = read_model(tmp / "out" / step)
+    compare(ours, theirs)
+    base, a = read_model(m["base"]), read_model(m["ft_a"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(ours[name], base[name]) and not torch.equal(ours[name], a[name])
+
+
+def test_nearswap_matches_mergekit(merged_whole):
+    tmp, m = merged_whole
+    theirs = mergekit({"merge_method": "nearswap", "base_model": m["base"], "dtype": "float32",
+                       "parameters": {"t": 0.01},
+                       "models": [{"model": m["base"]}, {"model": m["ft_a"]}]}, tmp / "mk_swap")
+    ours = read_model(tmp / "out" / "swap")
+    compare(ours, theirs)
+    base, a = read_model(m["base"]), read_model(m["ft_a"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    near = (base[name] - a[name]).abs() <= 0.01  # these take a's value exactly
+    assert near.any() and (~near).any()
+    torch.testing.assert_close(ours[name][near], a[name][near])

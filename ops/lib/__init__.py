@@ -1,0 +1,1 @@
+"""Shared torch-side code of the ops (imported lazily by the ops that need it)."""

@@ -1,0 +1,35 @@
+"""``ties``: TIES-merging (Yadav et al. 2023): trim, elect signs, disjoint mean."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from weightflow.ops._params import PerTensor
+from weightflow.ops.lib.merging import (
+    DeltaMergeParams, DeltaRecipe, check_density, magnitude_trim, prepare_magnitude_trim, sign_consensus)
+from weightflow.ops.merge_methods import MergeMethod
+
+
+class TiesParams(DeltaMergeParams):
+    """Keep the top-`density` of each delta by magnitude, elect each element's sign as
+    sign(Σ wᵢ·δ̂ᵢ), and take the disjoint weighted mean of the agreeing elements (or their
+    sum with `normalize: false`)."""
+
+    method: Literal["ties"]
+    density: PerTensor = Field(description="fraction of each delta kept by magnitude, in (0, 1]")
+    normalize: bool = Field(True, description="disjoint weighted mean (true) or disjoint sum (false)")
+    trim_scope: Literal["tensor", "model"] = Field("tensor", description="rank magnitudes per tensor "
+                                                   "or over the whole delta")
+    _d = field_validator("density")(check_density)
+
+    @model_validator(mode="after")
+    def _scope(self):
+        if self.trim_scope == "model" and not isinstance(self.density, (int, float)):
+            raise ValueError("trim_scope: model needs one number for 'density', not per-tensor rules")
+        return self
+
+
+METHOD = MergeMethod("ties", TiesParams, order=11,
+                     recipe=DeltaRecipe(magnitude_trim, sign_consensus, prepare=prepare_magnitude_trim))
