@@ -1,0 +1,261 @@
+"""Torch code shared by the metrics: the model under evaluation, and token scoring.
+
+Models run in float32 in eval mode under ``torch.inference_mode``, in right-padded batches
+with attention masks (left-padded for generation); padding never counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from weightflow.dsl.diagnostics import OpError
+from weightflow.ops import _models
+from weightflow.ops._data import read_records
+
+
+@dataclass
+class Subject:
+    """One model under evaluation: its artifact, and the model/tokenizer loaded on demand."""
+
+    art: object
+    device: str
+    inputs: dict  # the evaluate step's inputs; read nested refs through ``ref``
+    metric_index: int = 0  # which entry of ``metrics`` is being computed
+    metric_name: str = ""
+    _model: object = None
+    _tok: object = None
+    _tok_loaded: bool = False
+
+    def ref(self, field: str):
+        """The artifact of the step named by param ``field`` of the metric being computed.
+
+        The one place that knows how the executor passes refs inside ``metrics`` items: as
+        inputs keyed by their dotted YAML path, e.g. ``'metrics.2.delta_norm.base'``.
+        """
+        return self.inputs[f"metrics.{self.metric_index}.{self.metric_name}.{field}"]
+
+    @property
+    def path(self) -> Path:
+        return Path(self.art.path)
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = _models.load_model(self.path, self.device)
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if not self._tok_loaded:
+            self._tok = _models.load_tokenizer(self.path)
+            self._tok_loaded = True
+        return self._tok
+
+    def need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise OpError(f"{what} needs the model's tokenizer, and step '{self.art.step}' has none; "
+                          "give pre-tokenized data (input_ids) where the metric accepts it")
+        return self.tokenizer
+
+    def release(self) -> None:
+        self._model = None
+        self._tok = None
+
+
+def require_causal(subject: Subject, metric: str) -> None:
+    if not _models.is_causal_lm(subject.model):
+        raise OpError(f"{metric} needs a causal LM; step '{subject.art.step}' is a "
+                      f"{type(subject.model).__name__}")
+
+
+def check_ids(path: Path, i: int, ids, vocab: int) -> list[int]:
+    if not isinstance(ids, list) or not ids or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
+        raise OpError(f"{path}: example {i}: 'input_ids' must be a non-empty list of integers")
+    bad = next((x for x in ids if x < 0 or x >= vocab), None)
+    if bad is not None:
+        raise OpError(f"{path}: example {i}: token id {bad} is outside the model's vocabulary of {vocab}")
+    return ids
+
+
+def gold(path: Path, i: int, value, names: list[str] | None, label2id: dict | None) -> int:
+    """A gold label as a class (or choice) index: an integer, or a name among ``names`` or in
+    ``label2id``."""
+    if isinstance(value, bool):
+        raise OpError(f"{path}: example {i}: label {value!r} must be an integer or a name")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, int):
+        return value
+    if names is not None and value in names:
+        return names.index(value)
+    if label2id and value in label2id:
+        return int(label2id[value])
+    raise OpError(f"{path}: example {i}: label {value!r} is not "
+                  + ("one of the choices" if names is not None else "in the model's label2id"))
+
+
+def prefix_token(subject: Subject) -> int:
+    """The token the first scored token is conditioned on: BOS, else EOS."""
+    tok, cfg = subject.tokenizer, subject.model.config
+    vocab = subject.model.get_input_embeddings().num_embeddings
+    for v in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None),
+              getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None)):
+        if isinstance(v, list) and v:
+            v = v[0]
+        if isinstance(v, int) and 0 <= v < vocab:
+            return v
+    raise OpError("perplexity needs a BOS or EOS token to condition the first token on; the model "
+                  "and its tokenizer define none")
+
+
+def max_length(subject: Subject, asked: int | None) -> int:
+    if asked:
+        return asked
+    n = _models.max_positions(subject.model)
+    if n is None:
+        n = getattr(subject.tokenizer, "model_max_length", None)
+        n = n if isinstance(n, int) and 0 < n < 10**7 else 2048
+    return n
+
+
+# -- token scoring shared by perplexity, multiple choice and the losses ----------------------
+
+def score_windows(model, windows: list[tuple[list[int], list[int], int]], batch_size: int,
+                  pad: int, device: str) -> list[float]:
+    """Σ log p(y_t | x_≤t) over the last ``n`` positions of each window (x, y, n)."""
+    import torch.nn.functional as F
+
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    out = [0.0] * len(windows)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        width = max(len(windows[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            x = windows[i][0]
+            ids[r, :len(x)] = torch.tensor(x)
+            attn[r, :len(x)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+        for r, i in enumerate(idx):
+            x, y, n = windows[i]
+            t = len(x)
+            lp = F.log_softmax(logits[r, t - n:t].float(), dim=-1)
+            tgt = torch.tensor(y[t - n:t], device=lp.device)
+            out[i] = float(lp.gather(1, tgt.unsqueeze(1)).double().sum())
+    return out
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int], int]]:
+    """Disjoint windows covering ``tokens`` (lm-eval's loglikelihood_rolling).
+
+    The first window reads ``[prefix] + tokens[:L-1]`` and scores ``tokens[:L]``; each
+    later window scores the next (up to) L tokens and reads the L tokens before each of
+    them: one token of context for a full window, more for the last, partial one.
+    """
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    out = [([prefix] + tokens[:first - 1], tokens[:first], first)]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_length)
+        end = done + n
+        seq = tokens[end - max_length - 1:end]
+        out.append((seq[:-1], seq[1:], n))
+        done = end
+    return out
+
+
+# -- per-example losses: the ``loss`` metric and everything built on it ----------------------
+# ``m`` carries the encoding params of ``loss.ScoredText`` (text/prompt/response fields, ...).
+
+def loss_examples(subject: Subject, m, path: Path) -> list[tuple[list[int], list[bool]]]:
+    """(ids, scored) per record, encoded as finetune/unlearn encode their data."""
+    rows = read_records(path, m.limit)
+    vocab = subject.model.get_input_embeddings().num_embeddings
+    tok = subject.tokenizer
+    eos = getattr(tok, "eos_token_id", None)
+    L = min(m.max_length, _models.max_positions(subject.model) or m.max_length)
+    out = []
+    for i, row in enumerate(rows, 1):
+        if "input_ids" in row:
+            ids = check_ids(path, i, row["input_ids"], vocab)
+            scored = [True] * len(ids)
+        elif m.prompt_field is not None:
+            tok = subject.need_tokenizer("loss on prompt/response text")
+            prompt, response = str(row[m.prompt_field]), str(row[m.response_field])
+            if m.chat_template:
+                if not getattr(tok, "chat_template", None):
+                    raise OpError("chat_template: the model's tokenizer has no chat template")
+                head = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True, tokenize=True)
+                head = list(head["input_ids"] if hasattr(head, "keys") else head)
+            else:
+                head = tok(prompt)["input_ids"]
+            tail = tok(response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            ids, scored = head + tail, [False] * len(head) + [True] * len(tail)
+        else:
+            tok = subject.need_tokenizer("loss on text")
+            ids = tok(str(row[m.text_field]))["input_ids"]
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids = ids + [eos]
+            scored = [True] * len(ids)
+        out.append((ids[:L], scored[:L]))
+    return out
+
+
+def causal_lls(subject: Subject, m, path: Path, metric: str) -> tuple[list[float], list[int]]:
+    """A causal LM's Σ log p over the scored tokens of each example of ``path``, and their
+    number (examples with no scored token within ``max_length`` are skipped)."""
+    require_causal(subject, metric)
+    model = subject.model
+    examples = loss_examples(subject, m, path)
+    # score exactly the marked targets: split into (x, y, n) with n = scored tail length
+    wins, counts = [], []
+    for ids, scored in examples:
+        x, y = ids[:-1], ids[1:]
+        marks = scored[1:]
+        if not any(marks):
+            continue
+        first = marks.index(True)
+        if not all(marks[first:]):
+            raise OpError(f"{path}: scored tokens must be one contiguous tail")
+        wins.append((x, y, len(x) - first))
+        counts.append(len(x) - first)
+    if not counts:
+        raise OpError(f"{path}: no token to score within max_length {m.max_length}")
+    lls = score_windows(model, wins, m.batch_size, _models.pad_id(model, subject.tokenizer), subject.device)
+    return lls, counts
+
+
+def classifier_batches(subject: Subject, m, path: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A classifier's (float32 logits, gold label ids) per batch of the records of ``path``."""
+    model = subject.model
+    rows = read_records(path, m.limit)
+    label2id = {str(k): v for k, v in (model.config.label2id or {}).items()}
+    tok = subject.need_tokenizer("classifier loss on text")
+    for lo in range(0, len(rows), m.batch_size):
+        chunk = rows[lo:lo + m.batch_size]
+        enc = tok([str(r[m.text_field]) for r in chunk], truncation=True, max_length=m.max_length,
+                  padding=True, return_tensors="pt")
+        labels = torch.tensor([gold(path, lo + j + 1, r[m.label_field], None, label2id)
+                               for j, r in enumerate(chunk)])
+        logits = model(**{k: v.to(subject.device) for k, v in enc.items()}).logits.float()
+        yield logits, labels.to(logits.device)
+
+
+def example_losses(subject: Subject, m, path: Path, metric: str) -> list[float]:
+    """Each example's loss: mean token NLL (causal LMs), cross-entropy (classifiers)."""
+    import torch.nn.functional as F
+
+    if _models.is_classifier(subject.model):
+        out: list[float] = []
+        for logits, labels in classifier_batches(subject, m, path):
+            out += F.cross_entropy(logits, labels, reduction="none").tolist()
+        return out
+    lls, counts = causal_lls(subject, m, path, metric)
+    return [-ll / n for ll, n in zip(lls, counts)]
