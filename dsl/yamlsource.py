@@ -3,9 +3,12 @@
 Plain YAML features work (anchors, aliases, merge keys ``<<``); Python tags do not
 (this is PyYAML's SafeLoader).  Duplicate keys, which PyYAML silently accepts, are
 errors, and so are aliases that make a value contain itself and alias "bombs" that
-expand a small file into a huge tree.  Alongside the data we return ``Positions``: for each path of keys/indices,
-the 1-based line and column of the key and of the value, so later stages can point
-at the exact spot of a problem.
+expand a small file into a huge tree.  Size limits keep a hostile file from taking minutes
+and gigabytes: ``MAX_FILE_BYTES`` of text, ``MAX_NODES`` values as written and as expanded
+through aliases (each limit is named when hit).  ``load_value`` applies the same rules to
+a YAML value given on the command line (``--var NAME=VALUE``).  Alongside the data we
+return ``Positions``: for each path of keys/indices, the 1-based line and column of the
+key and of the value, so later stages can point at the exact spot of a problem.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .diagnostics import Diagnostic
+from .diagnostics import Diagnostic, WeightflowError
 
 Path = tuple  # tuple[str | int, ...]
 
@@ -61,6 +64,17 @@ class _Loader(yaml.SafeLoader):
     """
 
     duplicates: list[tuple[Any, yaml.Mark, yaml.Mark, yaml.Node]]
+    node_count = 0  # values composed so far (keys and aliases not counted)
+
+    def compose_node(self, parent, index):  # a PyYAML hook
+        # Count values as they are read, so a file with too many stops being read there
+        # (instead of building the whole tree first); aliases are counted when expanded.
+        if not (isinstance(parent, yaml.MappingNode) and index is None) \
+                and not self.check_event(yaml.AliasEvent):
+            self.node_count += 1
+            if self.node_count > MAX_NODES:
+                raise _TooMany(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
     def _check_duplicates(self, node) -> None:
         # Runs once per mapping node, before PyYAML flattens merge keys into it in place
@@ -107,13 +121,32 @@ def _mark(m: yaml.Mark) -> Mark:
     return Mark(m.line + 1, m.column + 1)
 
 
-# Aliases let a short file describe a huge tree (the "billion laughs"); the position
+# A pipeline is a page or two of YAML; the pure-Python reader takes seconds per MB.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+# Values (scalars, lists, mappings) a document may hold, as written and as expanded:
+# aliases let a short file describe a huge tree (the "billion laughs"), and the position
 # walk, interpolation and validation all visit the expanded tree, so refuse big ones.
 MAX_NODES = 200_000
 
 
+def size_problem(size: int, exact: bool = True, what: str = "the pipeline file") -> str | None:
+    """The message for a text of ``size`` bytes over MAX_FILE_BYTES, else None."""
+    if size <= MAX_FILE_BYTES:
+        return None
+    mb = f"{size / 2**20:.1f} MB" if exact else f"more than {MAX_FILE_BYTES // 2**20} MB"
+    return (f"{what} is {mb}; the limit is {MAX_FILE_BYTES // 2**20} MB (a pipeline "
+            "describes steps; keep data in data files)")
+
+
 class _TooBig(Exception):
-    pass
+    """The tree, with aliases expanded, has more than MAX_NODES values."""
+
+
+class _TooMany(Exception):
+    """The document as written has more than MAX_NODES values (no aliases involved)."""
+
+    def __init__(self, mark: yaml.Mark):
+        self.mark = mark
 
 
 class _Recursive(Exception):
@@ -128,8 +161,8 @@ def _record(node: yaml.Node, path: Path, pos: Positions, loader: _Loader, paths:
     inside = set() if inside is None else inside  # ids of the nodes on the path from the root
     if id(node) in inside:
         raise _Recursive(where or node.start_mark)
-    loader.node_count += 1
-    if loader.node_count > MAX_NODES:
+    loader.expanded += 1
+    if loader.expanded > MAX_NODES:
         raise _TooBig()
     # Later entries win, as in the constructed dict (a key after a merge key '<<'
     # overrides the merged one), so positions are overwritten, not kept first.
@@ -171,23 +204,41 @@ def _offset_mark(text: str, offset: int) -> tuple[int, int]:
     return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
+def _text_size(text: str) -> int:
+    """UTF-8 size of ``text`` (only encoded when it could be near the limit)."""
+    if 4 * len(text) <= MAX_FILE_BYTES:
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic]]:
     """Parse ``text``; return (data, positions, diagnostics).
 
     On a syntax error ``data`` is None and the diagnostics say where and why.
     Duplicate-key diagnostics name the step whose block holds them.
     """
+    data, pos, diags, _ = _load(text, filename)
+    return data, pos, diags
+
+
+def _load(text: str, filename: str,
+          noun: str = "the pipeline file") -> tuple[Any, Positions, list[Diagnostic], bool]:
+    """load_yaml, plus whether the diagnostics are only about YAML syntax (not limits,
+    duplicate keys or self-containing aliases)."""
     pos = Positions()
     paths: dict[int, Path] = {}
+    too_big = size_problem(_text_size(text), what=noun)
+    if too_big:
+        return None, pos, [Diagnostic(filename, 1, 1, too_big)], False
     loader = None
     try:
         loader = _Loader(text)  # the reader rejects control characters right here
         loader.duplicates = []
         loader._dup_checked = set()
-        loader.node_count = 0
+        loader.expanded = 0
         node = loader.get_single_node()
         if node is None:
-            return None, pos, []
+            return None, pos, [], True
         data = loader.construct_document(node)
         # construct_mapping flattened merge keys in place, so the walk sees merged keys.
         _record(node, (), pos, loader, paths)
@@ -207,25 +258,30 @@ def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic
             problem += " (only plain YAML is allowed; tags such as !!python/... are refused)"
         if "found character '\\t'" in problem:
             problem += " (indent with spaces; YAML does not allow tabs there)"
-        return None, pos, [Diagnostic(filename, line, col, f"YAML syntax error: {problem}")]
+        return None, pos, [Diagnostic(filename, line, col, f"YAML syntax error: {problem}")], True
     except yaml.reader.ReaderError as exc:
         line, col = _offset_mark(text, exc.position) if isinstance(text, str) else (1, 1)
         return None, pos, [Diagnostic(
             filename, line, col,
-            f"YAML syntax error: unacceptable character #x{exc.character:04x}: {exc.reason}")]
+            f"YAML syntax error: unacceptable character #x{exc.character:04x}: {exc.reason}")], True
     except yaml.YAMLError as exc:
-        return None, pos, [Diagnostic(filename, 1, 1, f"YAML error: {exc}")]
+        return None, pos, [Diagnostic(filename, 1, 1, f"YAML error: {exc}")], True
     except RecursionError:
-        return None, pos, [Diagnostic(filename, 1, 1, "YAML error: document nests too deeply")]
+        return None, pos, [Diagnostic(filename, 1, 1, "YAML error: document nests too deeply")], False
     except _Recursive as exc:
         return None, pos, [Diagnostic(
             filename, exc.mark.line + 1, exc.mark.column + 1,
             "YAML error: an alias here refers to a node that contains it, so the value would "
-            "contain itself; a pipeline must be a tree")]
+            "contain itself; a pipeline must be a tree")], False
+    except _TooMany as exc:
+        return None, pos, [Diagnostic(
+            filename, exc.mark.line + 1, exc.mark.column + 1,
+            f"YAML error: the document holds more than {MAX_NODES} values (the limit was reached "
+            "here); a pipeline file should be far smaller")], False
     except _TooBig:
         return None, pos, [Diagnostic(
             filename, 1, 1, f"YAML error: the document expands (through aliases) to more than "
-            f"{MAX_NODES} values; a pipeline file should be far smaller")]
+            f"{MAX_NODES} values; a pipeline file should be far smaller")], False
     finally:
         if loader is not None:
             loader.dispose()
@@ -238,4 +294,19 @@ def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic
         diags.append(Diagnostic(
             filename, second.line + 1, second.column + 1,
             f"duplicate key '{key}' (first defined on line {first.line + 1})", step))
-    return data, pos, diags
+    return data, pos, diags, not diags
+
+
+def load_value(text: str, what: str) -> Any:
+    """A YAML value given on the command line (``what``: e.g. "--var w"), read under the
+    rules and limits of pipeline files.  Text that is not valid YAML (``a: b: c``) stays
+    the string it is; a value over a limit, with duplicate keys or a self-containing
+    alias raises WeightflowError."""
+    data, _, diags, syntax_only = _load(text, what, noun="the value")
+    if not diags:
+        return data
+    if syntax_only:
+        return text
+    d = diags[0]
+    where = f" (line {d.line}, column {d.col} of the value)" if (d.line, d.col) != (1, 1) else ""
+    raise WeightflowError(f"{what}: {d.message}{where}")
