@@ -7,184 +7,149 @@ model π_ref.  Each step takes the next forget batch (the forget set shuffled ev
 with ``shuffle_seed``) and draws a retain batch (the retain set shuffled with a seed
 derived from the step's ``seed``).  log π(y) is the summed log-probability of an
 example's target tokens (its label, for a classifier); |y| their number.
-
-- ``grad-ascent``: L_forget = −NLL(forget) (token mean); no retain term.
-- ``grad-diff``: −NLL(forget) + the retain term (weights 1 and 1).
-- ``npo`` (Zhang et al. 2024): L_forget = −(2/β)·mean log σ(−β·(log π_θ(y) − log π_ref(y))),
-  π_ref the frozen input model; ``beta`` 0.1.
-- ``simnpo`` (Fan et al. 2024): reference-free and length-normalised,
-  L_forget = −(2/β)·mean log σ(−(β/|y|)·log π_θ(y) − γ); ``beta`` 4.5, ``gamma`` 0
-  (open-unlearning's defaults; its TOFU recipe also sets forget_weight 0.125).
-- ``ssd``, Selective Synaptic Dampening (Foster et al. 2024): no gradient steps.
-  Diagonal Fisher importances I = mean over batches of the squared gradient of the
-  batch's loss (eval mode; ``batch_size: 1`` gives the per-example empirical Fisher),
-  I_f on the forget data and I_D on the retain data; every parameter with
-  I_f > ``alpha``·I_D is multiplied by min(``lambda``·I_D/I_f, 1); ``alpha`` 10,
-  ``lambda`` 1.
-
-Training keys, data mapping and LoRA are those of ``finetune`` (``learning_rate``
-defaults to 1e-5 here).  The manifest records the forget and retain loss (mean token
-NLL, eval mode) before and after, and the training curve.  ``retain`` is optional for
-``grad-ascent``; when given it is only measured.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Mapping
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_serializer, model_validator
 
+from weightflow.dsl.diagnostics import did_you_mean
 from weightflow.dsl.oplib import DataPath, FiniteFloat, Kind, ModelRef, OpSpec
+from weightflow.ops import unlearn_methods as um
 from weightflow.ops._train_params import AliasedParams, TrainParams, check_data, check_data_path
 
-METHODS = ("grad-ascent", "grad-diff", "npo", "simnpo", "ssd")
-# method-specific parameters, with their defaults; filled in before hashing
-METHOD_DEFAULTS = {
-    "grad-ascent": {"forget_weight": 1.0},
-    "grad-diff": {"forget_weight": 1.0, "retain_weight": 1.0},
-    "npo": {"forget_weight": 1.0, "retain_weight": 1.0, "beta": 0.1},
-    "simnpo": {"forget_weight": 1.0, "retain_weight": 1.0, "beta": 4.5, "gamma": 0.0},
-    "ssd": {"alpha": 10.0, "lambda": 1.0},
-}
-_ALL_SPECIFIC = ("forget_weight", "retain_weight", "beta", "gamma", "alpha", "lambda")
+_TRAILER = """
+Training keys, data mapping and LoRA are those of ``finetune`` (``learning_rate``
+defaults to 1e-5 here).  The manifest records the forget and retain loss (mean token
+NLL, eval mode) before and after, and the training curve.
+"""
+
+# The method-specific keys of unlearn v1: they are in the key of every unlearn step (null
+# where the method has none), so those keys stay as they were.  A key a method adds later
+# enters only the keys of the methods that use it, so adding it changes no existing key.
+KEYED_IN_EVERY_STEP = ("forget_weight", "retain_weight", "beta", "gamma", "alpha", "lambda")
+_NO_GRADIENT_STEPS = ("retain_loss", "lora", "gradient_checkpointing")
 
 
-class _Method(AliasedParams):
-    """The model, the data and the method (listed first; the training keys follow)."""
+def _method_fields(registry: Mapping[str, um.UnlearnMethod]) -> type[AliasedParams]:
+    """The model, the data and the method, with every method-specific key of ``registry``."""
+    names = tuple(registry)
+    keys = um.keys(registry)
+    needing = [n for n, m in registry.items() if m.needs_retain is True]
+    fields: dict[str, Any] = {
+        "model": (ModelRef, Field(description="step producing the model to unlearn from")),
+        "method": (Literal[names], Field(description=" | ".join(names))),
+        "forget": (DataPath, Field(description="data to forget")),
+        "retain": (DataPath | None, Field(None, description=f"data to keep (needed by {', '.join(needing)})")),
+    }
+    specific = {um.field_name(k): um.pydantic_field(k, users) for k, users in keys.items()}
+    for k in ("forget_weight", "retain_weight"):  # the loss weights, then how L_retain is measured
+        if k in specific:
+            fields[k] = specific.pop(k)
+    fields["retain_loss"] = (Literal["nll", "kl"], Field("nll", description="nll on retain data, or kl to "
+                                                         "the input model"))
+    fields.update(specific)
 
-    model: ModelRef = Field(description="step producing the model to unlearn from")
-    method: Literal["grad-ascent", "grad-diff", "npo", "simnpo", "ssd"] = Field(
-        description="grad-ascent | grad-diff | npo | simnpo | ssd")
-    forget: DataPath = Field(description="data to forget")
-    retain: DataPath | None = Field(None, description="data to keep (needed by grad-diff, npo, simnpo, ssd)")
-    forget_weight: FiniteFloat | None = Field(None, ge=0, description="weight of L_forget (default 1)")
-    retain_weight: FiniteFloat | None = Field(None, ge=0, description="weight of L_retain (default 1; "
-                                              "grad-ascent has none)")
-    retain_loss: Literal["nll", "kl"] = Field("nll", description="nll on retain data, or kl to the input model")
-    beta: FiniteFloat | None = Field(None, gt=0, description="npo/simnpo inverse temperature "
-                                     "(default 0.1 for npo, 4.5 for simnpo)")
-    gamma: FiniteFloat | None = Field(None, description="simnpo reward margin γ (default 0)")
-    alpha: FiniteFloat | None = Field(None, gt=0, description="ssd selection: dampen where I_f > alpha·I_D "
-                                      "(default 10)")
-    lambda_: FiniteFloat | None = Field(None, gt=0, alias="lambda", description="ssd dampening: factor "
-                                        "min(lambda·I_D/I_f, 1) (default 1)")
-
-    @field_validator("forget", "retain")
-    @classmethod
     def _data_file(cls, v):
         return check_data_path(v)
 
-    @model_validator(mode="before")
-    @classmethod
+    def _known_method(cls, v):
+        if isinstance(v, str) and v not in registry:
+            raise ValueError(f"unknown method '{v}'{did_you_mean(v, names)}; expected one of: {', '.join(names)}")
+        return v
+
     def _method_params(cls, data):
-        """Reject parameters another method uses; fill this method's defaults (they enter the key)."""
-        if not isinstance(data, dict) or data.get("method") not in METHODS:
+        """Reject keys another method uses; fill this method's defaults (they enter the key)."""
+        if not isinstance(data, dict) or data.get("method") not in registry:
             return data
         method = data["method"]
-        own = METHOD_DEFAULTS[method]
-        for key in _ALL_SPECIFIC:
+        m = registry[method]
+        own = m.defaults
+        for key, users in keys.items():
             if key in data and data[key] is not None and key not in own:
-                users = [m for m, d in METHOD_DEFAULTS.items() if key in d]
-                hint = " (grad-ascent has no retain term: use method: grad-diff)" \
-                    if key == "retain_weight" and method == "grad-ascent" else ""
+                hint = f" ({method} has no retain term: use method: grad-diff)" \
+                    if key == "retain_weight" and m.gradient else ""
                 raise ValueError(f"'{key}' does not apply to method {method}; it is used by "
-                                 f"{', '.join(users)}{hint}")
-        if method == "ssd":
-            for key in ("retain_loss", "lora", "gradient_checkpointing"):
+                                 f"{', '.join(n for n, _ in users)}{hint}")
+        if not m.gradient:
+            for key in _NO_GRADIENT_STEPS:
                 if key in data:
-                    raise ValueError(f"'{key}' does not apply to method ssd (it takes no gradient steps)")
-        if method == "grad-ascent" and "retain_loss" in data:
-            raise ValueError("'retain_loss' does not apply to method grad-ascent (no retain term; "
+                    raise ValueError(f"'{key}' does not apply to method {method} (it takes no gradient steps)")
+        elif not m.retain_term and "retain_loss" in data:
+            raise ValueError(f"'retain_loss' does not apply to method {method} (no retain term; "
                              "use method: grad-diff)")
+        if m.needs_retain is False and data.get("retain") is not None:
+            raise ValueError(f"'retain' does not apply to method {method}")
         data = dict(data)
         for key, value in own.items():
             if data.get(key) is None:
                 data[key] = value
         return data
 
-    @model_validator(mode="after")
     def _retain_needed(self):
-        if self.method == "ssd" and self.retain is None:
-            raise ValueError("method ssd needs 'retain' data (its importances I_D)")
-        if self.method not in ("grad-ascent", "ssd") and self.retain is None and self.retain_weight:
-            raise ValueError(f"method {self.method} needs 'retain' data (or retain_weight: 0)")
+        m = registry[self.method]
+        if m.needs_retain is True and self.retain is None:
+            if not m.retain_term:
+                raise ValueError(f"method {self.method} needs 'retain' data ({m.retain_use})")
+            if self.retain_weight:
+                raise ValueError(f"method {self.method} needs 'retain' data (or retain_weight: 0)")
         return self
 
+    later = [(k, um.field_name(k)) for k in keys if k not in KEYED_IN_EVERY_STEP]
 
-class UnlearnParams(TrainParams, _Method):
-    """unlearn's parameters: model, data and method, then the shared training keys."""
+    def _keyed(self, handler):
+        out = handler(self)
+        if later and isinstance(out, dict):
+            own = registry[self.method].params
+            for key, name in later:
+                if key not in own:
+                    out.pop(key, None)
+                    out.pop(name, None)
+        return out
 
-    learning_rate: FiniteFloat = Field(1e-5, gt=0, description="peak learning rate")
+    validators = {
+        "_data_file": field_validator("forget", "retain")(classmethod(_data_file)),
+        "_known_method": field_validator("method", mode="before")(classmethod(_known_method)),
+        "_method_params": model_validator(mode="before")(classmethod(_method_params)),
+        "_retain_needed": model_validator(mode="after")(_retain_needed),
+        "_keyed": model_serializer(mode="wrap")(_keyed),
+    }
+    return create_model("_Method", __base__=AliasedParams, __validators__=validators,
+                        __doc__="The model, the data and the method (listed first; the training keys follow).",
+                        **fields)
 
 
-def preflight(params: UnlearnParams, env) -> None:
+def params_model(registry: Mapping[str, um.UnlearnMethod]) -> type[TrainParams]:
+    """unlearn's params model for a registry of methods (``um.methods()`` for the op)."""
+    return create_model("UnlearnParams", __base__=(TrainParams, _method_fields(registry)),
+                        __doc__="unlearn's parameters: model, data and method, then the shared training keys.",
+                        learning_rate=(FiniteFloat, Field(1e-5, gt=0, description="peak learning rate")))
+
+
+def op_doc(registry: Mapping[str, um.UnlearnMethod]) -> str:
+    """The op's doc: the objective, each method's formula (its module docstring), the rest."""
+    items = "\n".join(um.bullet(m) for m in registry.values())
+    return f"{__doc__.strip()}\n\n{items}\n\n{_TRAILER.strip()}\n"
+
+
+METHODS = um.methods()
+UnlearnParams = params_model(METHODS)
+
+
+def preflight(params, env) -> None:
     check_data(params, env, [params.forget, params.retain])
 
 
-# -- forget losses ---------------------------------------------------------------------
-
-def forget_loss(method: str, nll_sum, n_tok, ref_nll_sum, beta: float | None, gamma: float | None):
-    """L_forget of one batch from per-example summed NLLs (−log π(y)) and target counts."""
-    import torch.nn.functional as F
-
-    from weightflow.ops._train import mean_nll
-
-    if method in ("grad-ascent", "grad-diff"):
-        return -mean_nll(nll_sum, n_tok)
-    if method == "npo":  # −β·(log π_θ − log π_ref) = β·(nll_θ − nll_ref)
-        return -(2.0 / beta) * F.logsigmoid(beta * (nll_sum - ref_nll_sum)).mean()
-    if method == "simnpo":  # −(β/|y|)·log π_θ(y) − γ = β·nll/|y| − γ
-        return -(2.0 / beta) * F.logsigmoid(beta * nll_sum / n_tok.clamp(min=1) - gamma).mean()
-    raise ValueError(method)
-
-
-# -- SSD ----------------------------------------------------------------------------
-
-def importances(model, examples, batch_size: int, pad_id: int, task: str, device: str, bar) -> dict:
-    """Mean over batches of the squared gradient of each batch's mean loss, per parameter."""
-    import torch
-
-    from weightflow.ops import _train as T
-
-    model.eval()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    imp = {n: torch.zeros_like(p) for n, p in params.items()}
-    batches = 0
-    for i in range(0, len(examples), batch_size):
-        model.zero_grad(set_to_none=True)
-        batch = T.collate(examples[i: i + batch_size], pad_id, task, device)
-        nll_sum, n_tok, _ = T.sequence_nll(model, batch, task)
-        T.mean_nll(nll_sum, n_tok).backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                imp[n] += p.grad.pow(2)
-        batches += 1
-        bar.update(1)
-    model.zero_grad(set_to_none=True)
-    return {n: v / batches for n, v in imp.items()}
-
-
-def dampen(model, imp_f: dict, imp_d: dict, alpha: float, lam: float) -> dict:
-    """θ ← θ·min(λ·I_D/I_f, 1) where I_f > α·I_D; returns how many elements were selected."""
-    import torch
-
-    counts = {}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n not in imp_f:
-                continue
-            i_f, i_d = imp_f[n], imp_d[n]
-            selected = i_f > alpha * i_d
-            factor = torch.where(selected, (lam * i_d / torch.where(selected, i_f, 1.0)).clamp(max=1.0), 1.0)
-            p.mul_(factor)
-            if int(selected.sum()):
-                counts[n] = int(selected.sum())
-    return counts
+def options(params, method: um.UnlearnMethod) -> dict:
+    """The method's own keys -> their values in ``params``."""
+    return {k: getattr(params, um.field_name(k)) for k in method.params}
 
 
 # -- the op ---------------------------------------------------------------------------
 
-def run(inputs, params: UnlearnParams, ctx) -> dict:
+def run(inputs, params, ctx) -> dict:
     import copy
 
     import torch
@@ -195,15 +160,17 @@ def run(inputs, params: UnlearnParams, ctx) -> dict:
     task = T.resolve_task(params.task, art.path)
     device = params.device
     method = params.method
+    m = METHODS[method]
+    opts = options(params, m)
     with T.deterministic(ctx.seed, device):
         model = T.load_model(art.path, task, ctx)
         encoder, data = T.prepare(model, params, task, art.path, ctx,
                                   {"forget": params.forget, "retain": params.retain})
         forget, retain = data["forget"], data.get("retain")
         pad, bs = encoder.pad_id, params.batch_size
-        uses_retain = method != "grad-ascent" and bool(params.retain_weight) and retain is not None
+        uses_retain = m.gradient and m.retain_term and bool(params.retain_weight) and retain is not None
         ref = None
-        if method == "npo" or (uses_retain and params.retain_loss == "kl"):
+        if m.needs_reference or (uses_retain and params.retain_loss == "kl"):
             ref = copy.deepcopy(model).eval().requires_grad_(False).to(device)
         if params.lora is not None:
             model = T.attach_lora(model, params.lora, task)
@@ -220,14 +187,8 @@ def run(inputs, params: UnlearnParams, ctx) -> dict:
         before = measure()
         curve: list[dict] = []
         extra: dict = {}
-        if method == "ssd":
-            n_batches = -(-len(forget) // bs) + -(-len(retain) // bs)
-            with ctx.progress(n_batches, "importances", unit="batch") as bar:
-                imp_f = importances(model, forget, bs, pad, task, device, bar)
-                imp_d = importances(model, retain, bs, pad, task, device, bar)
-            counts = dampen(model, imp_f, imp_d, params.alpha, params.lambda_)
-            total = sum(p.numel() for p in model.parameters())
-            extra = {"dampened": sum(counts.values()), "parameters": total, "per_tensor": counts}
+        if not m.gradient:
+            extra = m.apply(um.Job(model, forget, retain, bs, pad, task, device, opts, ctx))
             steps = 0
         else:
             forget_order = T.batch_order(len(forget), bs, params.shuffle_seed if params.shuffle_seed
@@ -237,12 +198,12 @@ def run(inputs, params: UnlearnParams, ctx) -> dict:
 
             def micro_loss():
                 batch = T.collate([forget[i] for i in next(forget_order)], pad, task, device)
-                nll_sum, n_tok, _ = T.sequence_nll(model, batch, task)
+                nll_sum, n_tok, logits = T.sequence_nll(model, batch, task)
                 ref_nll = None
-                if method == "npo":
+                if m.needs_reference:
                     with torch.no_grad():
                         ref_nll = T.sequence_nll(ref, batch, task)[0]
-                lf = forget_loss(method, nll_sum, n_tok, ref_nll, params.beta, params.gamma)
+                lf = m.forget_loss(um.ForgetBatch(nll_sum, n_tok, logits, batch.labels, task, ref_nll), opts)
                 loss = params.forget_weight * lf
                 logs = {"forget_loss": lf.detach(), "forget_nll": T.mean_nll(nll_sum, n_tok).detach()}
                 if uses_retain:
@@ -271,12 +232,12 @@ def run(inputs, params: UnlearnParams, ctx) -> dict:
                                  "retain_examples": len(retain) if retain is not None else 0},
                      "losses": losses})
     if extra:
-        ctx.info["ssd"] = extra
+        ctx.info[method] = extra
     if curve:
         ctx.info["training_curve"] = curve
     meta.update({"task": task, "unlearned_from": art.digest, "method": method})
     return meta
 
 
-OP = OpSpec(name="unlearn", version=1, output=Kind.MODEL, params=UnlearnParams, run=run, doc=__doc__,
+OP = OpSpec(name="unlearn", version=1, output=Kind.MODEL, params=UnlearnParams, run=run, doc=op_doc(METHODS),
             preflight=preflight)

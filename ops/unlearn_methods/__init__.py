@@ -1,0 +1,213 @@
+"""The unlearning methods of the ``unlearn`` op: one module per method, found by discovery.
+
+A method is one file in this package, named after it with ``_`` for ``-``
+(``grad_diff.py`` is ``grad-diff``), that defines ``METHOD = UnlearnMethod(...)``.  No
+other file lists methods: ``unlearn`` builds from ``methods()`` its ``method:`` choices,
+the method-specific YAML keys (bounds, "does not apply" errors, defaults filled in
+before hashing), its doc text and the hooks its training loop calls.  Modules whose name
+starts with ``_`` are not methods.  A method module must not import torch at module level.
+
+Every gradient method minimises ``forget_weight``·L_forget + ``retain_weight``·L_retain
+(the op's loop); its ``forget_loss`` gives L_forget of a forget batch, and it has the
+retain term when ``retain_weight`` is one of its ``params``.  A method without gradient
+steps (ssd) gives ``apply`` instead.
+
+Method-specific keys: a method lists in ``params`` every key it uses, each a ``Param``
+(default, what it means for this method, bounds).  Methods using the same key (npo,
+simnpo and wga all have ``beta``) share one YAML key, so they must agree on its type
+and bounds (checked at import); its description lists each method's meaning and default.
+"""
+
+from __future__ import annotations
+
+import importlib
+import keyword
+import pkgutil
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Callable, Literal, Mapping, Optional
+
+from pydantic import Field
+
+from weightflow.dsl.oplib import FiniteFloat
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method-specific key of the unlearn step: its default for the method, meaning, bounds."""
+
+    default: Any
+    description: str
+    gt: float | None = None
+    ge: float | None = None
+    annotation: Any = FiniteFloat
+
+    @property
+    def shape(self) -> tuple:
+        """What methods sharing the key must agree on."""
+        return (self.annotation, self.gt, self.ge)
+
+
+# The two weights of the loss every gradient method shares (a method lists those it has).
+FORGET_WEIGHT = Param(1.0, "weight of L_forget", ge=0)
+RETAIN_WEIGHT = Param(1.0, "weight of L_retain", ge=0)
+
+
+@dataclass(frozen=True)
+class UnlearnMethod:
+    """One unlearning method, as its module declares it."""
+
+    name: str
+    doc: str  # its formula (the module docstring), assembled into the op's doc
+    params: Mapping[str, Param] = field(default_factory=dict)  # every method-specific key it uses
+    # True: needs 'retain' (unless retain_weight is 0, for a method with the retain term);
+    # "optional": retain data is only measured; False: retain data does not apply.
+    needs_retain: bool | Literal["optional"] = True
+    retain_use: str = ""  # what retain data is for, shown when it is missing (no retain term)
+    needs_reference: bool = False  # ForgetBatch.ref_nll_sum: −log π_ref(y), frozen input model
+    forget_loss: Callable[..., Any] | None = None  # (ForgetBatch, opts) -> L_forget (a 0-d tensor)
+    apply: Callable[..., dict] | None = None  # (Job) -> info: changes job.model without gradient steps
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Its method-specific keys and their defaults (filled in before hashing)."""
+        return {k: p.default for k, p in self.params.items()}
+
+    @property
+    def retain_term(self) -> bool:
+        return "retain_weight" in self.params
+
+    @property
+    def gradient(self) -> bool:
+        return self.apply is None
+
+
+@dataclass
+class ForgetBatch:
+    """One forget micro-batch as the op's loop computed it, for a method's ``forget_loss``.
+
+    log π(y) is the summed log-probability of an example's target tokens (its label, for
+    a classifier); |y| their number.
+    """
+
+    nll_sum: Any  # [B] −log π_θ(y) per example
+    n_tok: Any  # [B] |y|
+    logits: Any  # the model's logits (float32)
+    labels: Any  # the batch's labels ([B, T] token labels, -100 without loss; [B] classes)
+    task: str
+    ref_nll_sum: Any = None  # [B] −log π_ref(y), for a method with needs_reference
+
+    def mean_nll(self):
+        """Token-averaged NLL of the batch."""
+        from weightflow.ops._train import mean_nll
+
+        return mean_nll(self.nll_sum, self.n_tok)
+
+    def token_nll(self):
+        """(−log π_θ(y_t) per target position, mask of the positions that have a target).
+
+        Causal LM: token t is predicted from the logits at t−1 ([B, T−1]); classification:
+        one target per example ([B, 1]).
+        """
+        import torch.nn.functional as F
+
+        from weightflow.ops._train import IGNORE
+
+        if self.task == "causal-lm":
+            lg, lb = self.logits[:, :-1], self.labels[:, 1:]
+            nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=IGNORE,
+                                  reduction="none").view(lb.shape)
+            return nll, lb != IGNORE
+        nll = F.cross_entropy(self.logits, self.labels, reduction="none")
+        return nll[:, None], nll.new_ones(nll.shape[0], 1, dtype=bool)
+
+
+@dataclass
+class Job:
+    """What a method's ``apply`` works on (the model is loaded, on its device, data encoded)."""
+
+    model: Any
+    forget: list  # encoded examples (weightflow.ops._train.Example)
+    retain: list | None
+    batch_size: int
+    pad_id: int
+    task: str
+    device: str
+    opts: dict  # its method-specific keys -> values
+    ctx: Any  # the op's context (progress bars, warnings)
+
+
+def field_name(key: str) -> str:
+    """The Python attribute of a YAML key (``lambda`` -> ``lambda_``)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+@cache
+def methods() -> dict[str, UnlearnMethod]:
+    """Every method module of this package, by method name, in module-name order."""
+    found: dict[str, UnlearnMethod] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        method = getattr(module, "METHOD", None)
+        if not isinstance(method, UnlearnMethod):
+            raise TypeError(f"{module.__name__} defines no METHOD = UnlearnMethod(...)")
+        if method.name != info.name.replace("_", "-"):
+            raise ValueError(f"{module.__name__}: METHOD.name {method.name!r} does not match the file name "
+                             f"(expected {info.name.replace('_', '-')!r})")
+        found[method.name] = method
+    keys(found)  # the shared keys agree
+    return found
+
+
+def keys(registry: Mapping[str, UnlearnMethod]) -> dict[str, list[tuple[str, Param]]]:
+    """Each method-specific key -> [(method, its Param)], keys in first-use order."""
+    out: dict[str, list[tuple[str, Param]]] = {}
+    for name, method in registry.items():
+        if method.gradient == (method.forget_loss is None):
+            raise ValueError(f"method {name}: give forget_loss (gradient steps) or apply (none), not both")
+        for key, param in method.params.items():
+            users = out.setdefault(key, [])
+            if users and users[0][1].shape != param.shape:
+                raise ValueError(f"'{key}' of method {name} has other bounds than in {users[0][0]} "
+                                 f"({param.shape} vs {users[0][1].shape}); methods sharing a key must agree")
+            users.append((name, param))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
+def describe(users: list[tuple[str, Param]]) -> str:
+    """'npo, simnpo: inverse temperature (default 0.1 for npo, 4.5 for simnpo); wga: ...'."""
+    groups: dict[str, list[tuple[str, Any]]] = {}
+    for name, param in users:
+        groups.setdefault(param.description, []).append((name, param.default))
+    parts = []
+    for meaning, group in groups.items():
+        names = ", ".join(n for n, _ in group)
+        values = {_fmt(d) for _, d in group}
+        default = values.pop() if len(values) == 1 else ", ".join(f"{_fmt(d)} for {n}" for n, d in group)
+        parts.append(f"{names}: {meaning} (default {default})")
+    return "; ".join(parts)
+
+
+def pydantic_field(key: str, users: list[tuple[str, Param]]) -> tuple[Any, Any]:
+    """The op's field for a key: optional (None until the method's default is filled in)."""
+    param = users[0][1]
+    return (Optional[param.annotation],
+            Field(None, gt=param.gt, ge=param.ge, alias=key if field_name(key) != key else None,
+                  description=describe(users)))
+
+
+def bullet(method: UnlearnMethod) -> str:
+    """The method's doc as one item of the op's list, with its defaults."""
+    text = " ".join(line.strip() for line in (method.doc or "").strip().splitlines())
+    if method.params:
+        text += " Defaults: " + ", ".join(f"``{k}`` {_fmt(v)}" for k, v in method.defaults.items()) + "."
+    import textwrap
+
+    return textwrap.fill(text, width=88, initial_indent="- ", subsequent_indent="  ",
+                         break_on_hyphens=False, break_long_words=False)
