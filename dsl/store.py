@@ -4,37 +4,80 @@ Layout under the store root (default ``~/.cache/weightflow``)::
 
     objects/ab/<digest>/   an artifact directory, named by its content digest
     actions/ab/<key>.json  the action entry (manifest) for a step key: written last,
-                           it is the commit marker of a published result
-    tmp/                   staging directories (same filesystem, so rename is atomic)
+                           it is the commit marker of a published result; its mtime
+                           is the entry's last use (every lookup hit touches it)
+    manifests/ab/<digest>/<key>.json
+                           provenance records: one per key that published the object
+                           (one object can be the output of several keys).  Kept
+                           beside the object, never inside it, so the object's digest
+                           and its exported copies do not change
+    tmp/<id>/, tmp/<id>.lock
+                           staging directories (same filesystem, so rename is atomic),
+                           each owned by the process holding the flock on its .lock
     locks/                 per-key claim locks (only to avoid duplicate work)
     memo.sqlite            file digests by (path, size, mtime, inode), and which object
-                           directories were verified at which stat signature
+                           directories were verified at which stat signature; only a
+                           cache: an unreadable memo is moved aside and rebuilt
+    format                 the store format; absent in stores written before the
+                           provenance records existed (they are backfilled once)
 
-A reader that finds a digest mismatch treats the entry as corrupted: it is
-discarded and the step recomputes.
+A reader trusts an entry only when the action's key, the provenance record and the
+object's digest agree and the object's content still hashes to its digest; anything
+else is discarded with a warning and the step recomputes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import sqlite3
+import sys
 import tempfile
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .checkpoint import digest_directory, hash_file
 
+try:  # POSIX; elsewhere staging directories are simply never cleaned automatically
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 DEFAULT_ROOT = "~/.cache/weightflow"
+FORMAT = 2
+FORMAT_FILE = "format"
+VERIFY_ENV = "WEIGHTFLOW_VERIFY"
+_HEX = re.compile(r"^[0-9a-f]{16,128}$")
+# A published object with no action yet may be mid-publish (renamed into objects/,
+# its action not yet written): gc leaves such orphans alone for this long.
+ORPHAN_GRACE_S = 3600.0
 
 
 def default_root() -> Path:
     return Path(os.path.expanduser(os.environ.get("WEIGHTFLOW_CACHE") or DEFAULT_ROOT))
+
+
+def verify_always_env() -> bool:
+    """True when ``WEIGHTFLOW_VERIFY=always``: every read re-hashes, ignoring the memo."""
+    return os.environ.get(VERIFY_ENV, "").strip().lower() == "always"
+
+
+def _stderr_warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def is_hex_id(value) -> bool:
+    """A key or digest as the store spells them (lowercase hex); anything else is
+    refused before it becomes a path."""
+    return isinstance(value, str) and bool(_HEX.match(value))
 
 
 @dataclass(frozen=True)
@@ -70,65 +113,223 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temp file and a rename."""
+def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a (by default fsynced) temp file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# -- the memo ---------------------------------------------------------------------
+
+def _transient(exc: sqlite3.Error) -> bool:
+    msg = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
+
+
+def _readonly(exc: sqlite3.Error) -> bool:
+    msg = str(exc).lower()
+    return "readonly" in msg or "read-only" in msg
 
 
 class Memo:
-    """SQLite memo of file digests keyed on (path, size, mtime_ns, inode)."""
+    """SQLite memo of file digests keyed on (path, size, mtime_ns, inode).
 
-    def __init__(self, path: Path):
+    It is only a cache, so it never makes a command fail: on any sqlite error other
+    than a busy database (opening it, a PRAGMA, a query) the file is moved aside as
+    ``memo.sqlite.corrupt-<time>`` (with its -wal/-shm), one warning is printed, and
+    an empty memo takes its place; where even that is impossible (a read-only store)
+    the memo lives in memory for the rest of the process.
+    """
+
+    def __init__(self, path: Path, warn: Callable[[str], None] | None = None):
         self.path = path
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._warn = warn or _stderr_warn
+        self._warned = False
+        self._memory = False
+        self._generation = 0  # bumped whenever the file is replaced or memory mode starts
+
+    # -- connections -----------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._memory:
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._local.inode = os.stat(self.path).st_ino
+            except OSError:
+                self._local.inode = None
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            except BaseException:
+                conn.close()
+                raise
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, "
+                         "mtime INT, inode INT, digest TEXT)")
+            conn.execute("CREATE TABLE IF NOT EXISTS verified (digest TEXT PRIMARY KEY, sig TEXT)")
+        except BaseException:
+            conn.close()
+            raise
+        if not self._memory and self._local.inode is None:
+            try:
+                self._local.inode = os.stat(self.path).st_ino
+            except OSError:
+                pass
+        return conn
 
     @property
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, "
-                         "mtime INT, inode INT, digest TEXT)")
-            conn.execute("CREATE TABLE IF NOT EXISTS verified (digest TEXT PRIMARY KEY, sig TEXT)")
+        if conn is None or getattr(self._local, "generation", None) != self._generation:
+            self._drop_conn()
+            conn = self._connect()
             self._local.conn = conn
+            self._local.generation = self._generation
         return conn
 
-    def file_digest(self, path: Path) -> str:
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def close(self) -> None:
+        """Close this thread's connection (the next use reopens it)."""
+        self._drop_conn()
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            self._warn(message)
+
+    def _recover(self, exc: sqlite3.Error) -> None:
+        """Replace an unusable memo: move the file aside (once, whichever thread or
+        process notices first) and start an empty one, or fall back to memory."""
+        with self._lock:
+            seen = getattr(self._local, "inode", None)
+            self._drop_conn()
+            if self._memory:
+                return
+            if _readonly(exc) and not (os.access(self.path, os.W_OK)
+                                       and os.access(self.path.parent, os.W_OK)):
+                self._memory = True
+                self._generation += 1
+                self._warn_once(f"the store's memo {self.path} cannot be written ({exc}); "
+                                "keeping file digests in memory for this command")
+                return
+            if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                return  # a misused connection, not a damaged file: just reconnect
+            try:
+                current = os.stat(self.path).st_ino
+            except OSError:
+                current = None
+            if current is None:  # nothing to move aside: the file cannot even be created
+                self._memory = True
+                self._generation += 1
+                self._warn_once(f"the store's memo {self.path} cannot be opened ({exc}); "
+                                "keeping file digests in memory for this command")
+                return
+            if current != seen:
+                return  # already replaced by someone else: just reconnect to the new file
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            try:
+                os.replace(self.path, aside)
+                for suffix in ("-wal", "-shm"):
+                    side = Path(f"{self.path}{suffix}")
+                    if side.exists():
+                        os.replace(side, Path(f"{aside}{suffix}"))
+            except OSError as move_exc:
+                self._memory = True
+                self._generation += 1
+                self._warn_once(f"the store's memo {self.path} is unreadable ({exc}) and cannot be "
+                                f"moved aside ({move_exc}); keeping file digests in memory for "
+                                "this command")
+                return
+            self._generation += 1
+            self._warn_once(f"the store's memo {self.path} is unreadable ({exc}); moved it aside "
+                            f"to {aside.name} and started an empty one (it is only a cache: "
+                            "files are re-hashed once)")
+
+    def _run(self, fn: Callable[[sqlite3.Connection], object], default=None):
+        """``fn(connection)``, recovering from a broken memo; ``default`` when the
+        memo cannot answer (the caller then does the work itself)."""
+        for _ in range(3):
+            try:
+                return fn(self.db)
+            except sqlite3.Error as exc:
+                if _transient(exc):
+                    self._warn_once(f"the store's memo {self.path} is busy ({exc}); "
+                                    "working without it")
+                    return default
+                self._recover(exc)
+            except OSError as exc:  # its directory cannot be created or read
+                with self._lock:
+                    if self._memory:
+                        return default
+                    self._drop_conn()
+                    self._memory = True
+                    self._generation += 1
+                    self._warn_once(f"the store's memo {self.path} cannot be opened ({exc}); "
+                                    "keeping file digests in memory for this command")
+        return default
+
+    # -- queries ---------------------------------------------------------------
+    def file_digest(self, path: Path, deep: bool = False) -> str:
+        """The content digest of ``path``; memoised on its stat unless ``deep``."""
         path = Path(path).resolve()
         st = path.stat()
-        row = self.db.execute("SELECT size, mtime, inode, digest FROM files WHERE path=?",
-                              (str(path),)).fetchone()
-        if row and row[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
-            return row[3]
+        if not deep:
+            row = self._run(lambda db: db.execute(
+                "SELECT size, mtime, inode, digest FROM files WHERE path=?", (str(path),)).fetchone())
+            if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino) and isinstance(row[3], str):
+                return row[3]
         digest = hash_file(path)
-        self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
-                        (str(path), st.st_size, st.st_mtime_ns, st.st_ino, digest))
+        self._run(lambda db: db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
+                                        (str(path), st.st_size, st.st_mtime_ns, st.st_ino, digest)))
         return digest
 
     def verified_sig(self, digest: str) -> str | None:
-        row = self.db.execute("SELECT sig FROM verified WHERE digest=?", (digest,)).fetchone()
-        return row[0] if row else None
+        row = self._run(lambda db: db.execute("SELECT sig FROM verified WHERE digest=?",
+                                              (digest,)).fetchone())
+        return row[0] if row and isinstance(row[0], str) else None
 
     def set_verified(self, digest: str, sig: str | None) -> None:
         if sig is None:
-            self.db.execute("DELETE FROM verified WHERE digest=?", (digest,))
+            self._run(lambda db: db.execute("DELETE FROM verified WHERE digest=?", (digest,)))
         else:
-            self.db.execute("INSERT OR REPLACE INTO verified VALUES (?,?)", (digest, sig))
+            self._run(lambda db: db.execute("INSERT OR REPLACE INTO verified VALUES (?,?)", (digest, sig)))
 
 
 def stat_signature(root: Path) -> str:
@@ -142,10 +343,32 @@ def stat_signature(root: Path) -> str:
     return "|".join(sorted(parts))
 
 
+# -- staging ownership ------------------------------------------------------------
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+        raise
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False
+
+
 class Store:
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None,
+                 warn: Callable[[str], None] | None = None):
         self.root = (Path(os.path.expanduser(str(root))) if root else default_root()).resolve()
-        self.memo = Memo(self.root / "memo.sqlite")
+        self.warn = warn or _stderr_warn
+        self.memo = Memo(self.root / "memo.sqlite", warn=lambda m: self.warn(m))
+        self._format_ok: bool | None = None  # None: not checked yet; False: legacy, read-only
 
     # -- paths ---------------------------------------------------------------
     def object_path(self, digest: str) -> Path:
@@ -154,66 +377,259 @@ class Store:
     def action_path(self, key: str) -> Path:
         return self.root / "actions" / key[:2] / f"{key}.json"
 
-    # -- reading -------------------------------------------------------------
-    def lookup(self, key: str) -> Entry | None:
-        """The published entry for ``key``, or None (missing or half-written)."""
-        p = self.action_path(key)
+    def record_dir(self, digest: str) -> Path:
+        return self.root / "manifests" / digest[:2] / digest
+
+    def record_path(self, digest: str, key: str) -> Path:
+        """The provenance record saying that ``key`` published object ``digest``."""
+        return self.record_dir(digest) / f"{key}.json"
+
+    # -- the provenance records ------------------------------------------------
+    def _ensure_format(self) -> bool:
+        """Backfill provenance records in a store written before they existed.
+
+        Runs once per store: every existing action is taken as it is (the best
+        anyone can do) and gets its record; afterwards an action without a record is
+        refused.  Returns False when the store cannot be written: then missing
+        records are tolerated for this process.
+        """
+        if self._format_ok is not None:
+            return self._format_ok
+        marker = self.root / FORMAT_FILE
         try:
-            manifest = json.loads(p.read_text())
-        except FileNotFoundError:
-            return None
+            if int(marker.read_text().strip() or 0) >= FORMAT:
+                self._format_ok = True
+                return True
         except (OSError, ValueError):
-            return None  # unreadable action entries count as absent
+            pass
+        try:
+            for key, apath in self.actions():
+                try:
+                    m = json.loads(apath.read_text())
+                except (OSError, ValueError):
+                    continue
+                digest = m.get("digest") if isinstance(m, dict) else None
+                if not is_hex_id(digest) or m.get("key") != key:
+                    continue
+                rec = self.record_path(digest, key)
+                if not rec.exists() and self.object_path(digest).is_dir():
+                    write_atomic(rec, json.dumps(m, indent=1, sort_keys=True).encode(), fsync=False)
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_atomic(marker, f"{FORMAT}\n".encode())
+            self._format_ok = True
+        except OSError:
+            self._format_ok = False
+        return self._format_ok
+
+    def provenance_problem(self, key: str, digest: str, manifest: dict) -> str | None:
+        """Why the action of ``key`` must not be trusted to point at ``digest``, or None."""
+        if manifest.get("key") != key:
+            return (f"its action file names key {str(manifest.get('key'))[:12]}, not {key[:12]} "
+                    "(copied from another entry)")
+        try:
+            rec = json.loads(self.record_path(digest, key).read_text())
+        except FileNotFoundError:
+            if not self._ensure_format():
+                return None  # a legacy store we cannot upgrade: nothing to compare with
+            try:
+                rec = json.loads(self.record_path(digest, key).read_text())
+            except FileNotFoundError:
+                return (f"object {digest[:12]} was never published for this key "
+                        "(the action points at another step's output)")
+            except (OSError, ValueError):
+                return f"the provenance record of object {digest[:12]} is unreadable"
+        except (OSError, ValueError):
+            return f"the provenance record of object {digest[:12]} is unreadable"
+        if not isinstance(rec, dict) or rec.get("key") != key or rec.get("digest") != digest:
+            return f"the provenance record of object {digest[:12]} disagrees with the action"
+        return None
+
+    # -- reading -------------------------------------------------------------
+    def read_action(self, key: str) -> dict | None:
+        """The action manifest of ``key`` as stored (unchecked), or None."""
+        try:
+            m = json.loads(self.action_path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        return m if isinstance(m, dict) else None
+
+    def lookup(self, key: str, warn: Callable[[str], None] | None = None,
+               touch: bool = True) -> Entry | None:
+        """The published entry for ``key``, or None (missing, half-written or untrusted).
+
+        An action whose key, provenance record and object do not agree is discarded
+        with a warning (its object stays: it is a valid output of some other key).
+        A hit refreshes the action's mtime, which is the entry's last use for ``gc``.
+        """
+        if not is_hex_id(key):
+            return None
+        p = self.action_path(key)
+        manifest = self.read_action(key)
+        if manifest is None:
+            return None  # missing or unreadable action entries count as absent
         digest = manifest.get("digest")
-        if not isinstance(digest, str):
+        if not is_hex_id(digest):
             return None
         obj = self.object_path(digest)
         if not obj.is_dir():
             return None
+        problem = self.provenance_problem(key, digest, manifest)
+        if problem:
+            step = manifest.get("step")
+            who = f" (step '{step}')" if isinstance(step, str) else ""
+            (warn or self.warn)(f"cache entry {key[:12]}{who} is corrupted: {problem}; "
+                                "discarding the entry and recomputing")
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            return None
+        if touch:
+            try:
+                os.utime(p)
+            except OSError:
+                pass  # a read-only store: last use is simply not recorded
         return Entry(key=key, digest=digest, kind=manifest.get("kind", ""), path=obj, manifest=manifest)
 
-    def verify(self, entry: Entry) -> bool:
+    def verify(self, entry: Entry, deep: bool | None = None) -> bool:
         """True when the object's content still has its digest.
 
-        Re-hashing is skipped while the object's files keep the (size, mtime, inode)
-        they had when last verified; any write to them forces a full re-hash.
+        Without ``deep``, re-hashing is skipped while the object's files keep the
+        (size, mtime, inode) they had when last verified: cheap, but corruption that
+        keeps those (bit rot, an in-place edit that restores the mtime) goes unseen.
+        ``deep`` re-hashes every byte whatever the memo says (the cost: reading the
+        whole artifact on every use).  ``deep=None`` follows ``WEIGHTFLOW_VERIFY``.
         """
-        sig = stat_signature(entry.path)
-        if self.memo.verified_sig(entry.digest) == sig:
+        return self.verify_object(entry.digest, entry.path, deep)
+
+    def verify_object(self, digest: str, path: Path | None = None, deep: bool | None = None) -> bool:
+        path = self.object_path(digest) if path is None else path
+        if deep is None:
+            deep = verify_always_env()
+        try:
+            sig = stat_signature(path)
+        except OSError:
+            return False
+        if not sig:
+            return False  # an empty or missing directory holds no artifact
+        if not deep and self.memo.verified_sig(digest) == sig:
             return True
         try:
-            ok = digest_directory(entry.path) == entry.digest
-        except (OSError, ValueError, KeyError):
+            ok = digest_directory(path) == digest
+        except Exception:  # noqa: BLE001 -- unreadable, truncated or garbled: not what it claims
             ok = False
-        self.memo.set_verified(entry.digest, sig if ok else None)
+        self.memo.set_verified(digest, sig if ok else None)
         return ok
 
     def discard(self, entry: Entry) -> None:
         """Remove a corrupted entry: its action and its object."""
+        self.discard_action(entry.key)
+        self.discard_object(entry.digest)
+
+    def discard_action(self, key: str) -> None:
         try:
-            self.action_path(entry.key).unlink()
+            self.action_path(key).unlink()
         except FileNotFoundError:
             pass
-        shutil.rmtree(entry.path, ignore_errors=True)
-        self.memo.set_verified(entry.digest, None)
 
-    def file_digest(self, path: Path) -> str:
-        return self.memo.file_digest(path)
+    def discard_object(self, digest: str) -> None:
+        """Remove an object (its provenance records stay: they remain true, and a
+        recomputation of the same content is trusted again by the keys they name)."""
+        shutil.rmtree(self.object_path(digest), ignore_errors=True)
+        self.memo.set_verified(digest, None)
+
+    def file_digest(self, path: Path, deep: bool = False) -> str:
+        return self.memo.file_digest(path, deep)
 
     # -- writing -------------------------------------------------------------
     @contextmanager
     def staging(self) -> Iterator[Path]:
-        """A fresh staging directory, removed afterwards unless it was published."""
-        tmp = self.root / "tmp" / uuid.uuid4().hex
-        tmp.mkdir(parents=True)
+        """A fresh staging directory, removed afterwards unless it was published.
+
+        While it exists this process holds an exclusive flock on ``tmp/<id>.lock``;
+        the kernel drops it when the process dies (even by SIGKILL), which is how
+        ``clean_stale_staging`` tells a dead run's leftovers from a live run's.
+        """
+        base = self.root / "tmp"
+        base.mkdir(parents=True, exist_ok=True)
+        fd = None
+        while True:
+            ident = uuid.uuid4().hex
+            lock = base / f"{ident}.lock"
+            if fcntl is None:
+                break
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, lock):
+                break  # a cleaner may have unlinked it before we locked it: then retry
+            os.close(fd)
+        tmp = base / ident
         try:
+            tmp.mkdir()
             yield tmp
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+            if fd is not None:
+                try:
+                    lock.unlink()
+                except OSError:
+                    pass
+                os.close(fd)
+
+    def clean_stale_staging(self, dry_run: bool = False) -> list[Path]:
+        """Remove staging directories whose owner process is gone; return them.
+
+        A directory is stale when nobody holds the flock on its ``.lock`` (or it has
+        no lock file: left by an older weightflow).  Live runs' directories stay.
+        """
+        base = self.root / "tmp"
+        if fcntl is None or not base.is_dir():
+            return []
+        try:
+            idents = sorted({e.name.removesuffix(".lock") for e in base.iterdir()})
+        except OSError:
+            return []
+        removed = []
+        for ident in idents:
+            target, lock = base / ident, base / f"{ident}.lock"
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:
+                fd = None
+            except OSError:
+                continue
+            try:
+                if fd is not None and (not _try_lock(fd) or not _same_file(fd, lock)):
+                    continue  # a live owner (or someone else is cleaning it right now)
+                exists = target.exists() or target.is_symlink()
+                if exists:
+                    removed.append(target)
+                if dry_run:
+                    continue
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                elif exists:
+                    target.unlink(missing_ok=True)
+                if fd is not None:
+                    lock.unlink(missing_ok=True)
+            except OSError:
+                continue
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return removed
 
     def publish(self, key: str, staged: Path, digest: str, manifest: dict) -> Entry:
-        """Move ``staged`` to its content address, then write the action entry."""
+        """Move ``staged`` to its content address, then write the action entry.
+
+        The provenance record ``manifests/../<digest>/<key>.json`` is written first,
+        the action (the commit marker) last.
+        """
+        self._ensure_format()
+        manifest = {**manifest, "key": key, "digest": digest}
+        doc = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        write_atomic(self.record_path(digest, key), doc)
         obj = self.object_path(digest)
         if obj.is_dir():
             shutil.rmtree(staged, ignore_errors=True)  # same content already stored
@@ -228,8 +644,7 @@ class Store:
                 shutil.rmtree(staged, ignore_errors=True)  # lost a race to an identical copy
             _fsync_dir(obj.parent)
             self.memo.set_verified(digest, stat_signature(obj))
-        manifest = {**manifest, "key": key, "digest": digest}
-        write_atomic(self.action_path(key), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        write_atomic(self.action_path(key), doc)
         return Entry(key=key, digest=digest, kind=manifest.get("kind", ""), path=obj, manifest=manifest)
 
     @contextmanager
@@ -258,6 +673,119 @@ class Store:
             if p.is_dir():
                 yield p.name, p
 
+    def records(self, digest: str) -> list[dict]:
+        """The provenance records of an object (who published it)."""
+        out = []
+        d = self.record_dir(digest)
+        if d.is_dir():
+            for p in sorted(d.glob("*.json")):
+                try:
+                    m = json.loads(p.read_text())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(m, dict):
+                    out.append(m)
+        return out
+
     def find_by_digest(self, digest: str) -> Path | None:
         p = self.object_path(digest)
         return p if p.is_dir() else None
+
+    def collect(self, keep_keys: set[str] = frozenset(), older_than_days: float = 14.0,
+                dry_run: bool = False, now: float | None = None) -> dict:
+        """Garbage collection: see ``weightflow gc --help``.
+
+        Keeps every action named in ``keep_keys`` or used (looked up) in the last
+        ``older_than_days`` days, every object such an action references, and
+        unreferenced objects younger than that (or than ``ORPHAN_GRACE_S``: they may
+        be mid-publish); removes the rest, and staging left by dead processes.
+        Returns what was (or, with ``dry_run``, would be) removed.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - older_than_days * 86400.0
+        kept_actions: dict[str, str] = {}
+        dropped: list[dict] = []
+        for key, apath in self.actions():
+            try:
+                last = apath.stat().st_mtime
+            except OSError:
+                continue
+            m = self.read_action(key) or {}
+            digest = m.get("digest") if is_hex_id(m.get("digest")) else None
+            if digest is not None and (key in keep_keys or last >= cutoff):
+                kept_actions[key] = digest
+                continue
+            dropped.append({"key": key, "digest": digest, "step": m.get("step"),
+                            "pipeline": m.get("pipeline"), "kind": m.get("kind"),
+                            "created": m.get("created"), "last_used": _iso(last),
+                            "reason": "unused" if digest else "unreadable", "_path": apath})
+        kept_digests = set(kept_actions.values())
+        by_digest: dict[str, list[dict]] = {}
+        for row in dropped:
+            if row["digest"]:
+                by_digest.setdefault(row["digest"], []).append(row)
+        drop_objects: list[tuple[str, Path, int]] = []
+        orphans: list[dict] = []
+        for digest, opath in self.objects():
+            if digest in kept_digests:
+                continue
+            if digest in by_digest:
+                size = tree_size(opath)
+                drop_objects.append((digest, opath, size))
+                for row in by_digest[digest]:
+                    row["bytes"] = size
+                continue
+            try:
+                age = opath.stat().st_mtime
+            except OSError:
+                continue
+            if age >= cutoff or age >= now - ORPHAN_GRACE_S:
+                continue
+            size = tree_size(opath)
+            drop_objects.append((digest, opath, size))
+            rec = (self.records(digest) or [{}])[0]
+            orphans.append({"key": None, "digest": digest, "step": rec.get("step"),
+                            "pipeline": rec.get("pipeline"), "kind": rec.get("kind"),
+                            "created": rec.get("created"), "last_used": _iso(age),
+                            "reason": "no entry refers to it", "bytes": size})
+        for row in dropped:
+            row.setdefault("bytes", 0)  # the object stays (a kept entry shares it) or is gone
+        stale = self.clean_stale_staging(dry_run=dry_run)
+        if not dry_run:
+            for row in dropped:
+                row["_path"].unlink(missing_ok=True)
+                if row["digest"]:
+                    self.record_path(row["digest"], row["key"]).unlink(missing_ok=True)
+            for digest, opath, _ in drop_objects:
+                shutil.rmtree(opath, ignore_errors=True)
+                shutil.rmtree(self.record_dir(digest), ignore_errors=True)
+                self.memo.set_verified(digest, None)
+            # provenance records of objects that no longer exist
+            base = self.root / "manifests"
+            if base.is_dir():
+                for d in base.glob("*/*"):
+                    try:
+                        young = d.stat().st_mtime >= now - ORPHAN_GRACE_S
+                    except OSError:
+                        continue
+                    if not young and not self.object_path(d.name).is_dir():
+                        shutil.rmtree(d, ignore_errors=True)
+        for row in dropped:
+            row.pop("_path", None)
+        entries = dropped + orphans
+        return {
+            "dry_run": dry_run,
+            "older_than_days": older_than_days,
+            "removed": entries,
+            "actions": len(dropped),
+            "objects": len(drop_objects),
+            "bytes": sum(s for _, _, s in drop_objects),
+            "kept_actions": len(kept_actions),
+            "kept_by_lock": sum(k in keep_keys for k in kept_actions),
+            "kept_objects": len(kept_digests),
+            "staging": [str(p) for p in stale],
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -216,11 +216,11 @@ def test_gc_keeps_what_locks_reference(tmp_path, tiny_models, store_dir, capsys)
     path = pipeline(tmp_path, tiny_models, wa="0.2")
     run(path, store_dir)  # the first merge is now referenced by no lock
     assert len(list((store_dir / "actions").rglob("*.json"))) == 7
-    assert main(["gc", str(path), "--cache-dir", str(store_dir), "--dry-run", "--json"]) == 0
+    assert main(["gc", str(path), "--cache-dir", str(store_dir), "--dry-run", "--json", "--older-than", "0"]) == 0
     dry = json.loads(capsys.readouterr().out)
     assert dry["actions"] == 1 and dry["objects"] == 1
     assert len(list((store_dir / "actions").rglob("*.json"))) == 7
-    assert main(["gc", str(path), "--cache-dir", str(store_dir), "--json"]) == 0
+    assert main(["gc", str(path), "--cache-dir", str(store_dir), "--json", "--older-than", "0"]) == 0
     assert len(list((store_dir / "actions").rglob("*.json"))) == 6
     _, status = run(path, store_dir)
     assert set(status.values()) == {"cached"}

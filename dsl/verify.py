@@ -1,0 +1,122 @@
+"""``weightflow verify``: check that the store still holds what its entries claim.
+
+For every entry in scope (the whole store, or the keys named by some lock files) it
+checks that the action file is readable and names its own key, that its object
+exists, that the object's provenance record says this key published it, and that
+the object's content still hashes to its digest.
+
+The content check normally trusts the memo: an object whose files keep the (size,
+mtime, inode) they had when last verified is not re-read, so a check of a large
+store takes seconds.  Corruption that keeps those (bit rot, a tool that rewrites a
+file in place and restores its mtime) is only found by ``deep``, which re-reads
+every byte: as slow as reading the whole store from disk.
+
+``repair`` discards what is bad -- the action of an untrusted entry; for a corrupt
+object the object and every action that points at it -- so the next run recomputes.
+Torch is never imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .diagnostics import WeightflowError
+from .store import Store, is_hex_id, tree_size
+
+PROBLEMS = {
+    "unreadable-action": "the action file is unreadable or names no valid object",
+    "wrong-key": "the action file belongs to another key",
+    "missing-object": "the object it points at is missing",
+    "unrecorded": "the object was not published by this key",
+    "corrupt-object": "the object's content no longer matches its digest",
+}
+
+
+def lock_scope(paths: list[str]) -> dict[str, dict]:
+    """key -> {step, pipeline} for every entry of the given lock files (or pipelines)."""
+    from . import lockfile
+
+    scope: dict[str, dict] = {}
+    for item in paths:
+        path = Path(item)
+        if path.suffix in (".yaml", ".yml"):
+            path = path.with_suffix(".lock")
+        if not path.is_file():
+            raise WeightflowError(f"lock file not found: {path} (run the pipeline first, or name "
+                                  "its .lock file)")
+        for step, e in lockfile.read(path).items():
+            scope.setdefault(e.key, {"step": step, "pipeline": str(path), "digest": e.digest})
+    return scope
+
+
+def verify_store(store: Store, scope: dict[str, dict] | None = None, deep: bool = False,
+                 repair: bool = False) -> dict:
+    """Check the entries of ``store`` (all, or the keys of ``scope``); see the module doc."""
+    if scope is None:
+        keys = {key: {} for key, _ in store.actions()}
+    else:
+        keys = scope
+    problems: list[dict] = []
+    missing: list[dict] = []
+    by_digest: dict[str, list[dict]] = {}
+    checked = 0
+    for key, ctx in keys.items():
+        base = {"key": key, "step": ctx.get("step"), "pipeline": ctx.get("pipeline"), "digest": None}
+        if not is_hex_id(key) or not store.action_path(key).exists():
+            if scope is not None:
+                missing.append(base)
+            continue
+        checked += 1
+        m = store.read_action(key)
+        if m is not None:
+            base["step"] = m.get("step") if isinstance(m.get("step"), str) else base["step"]
+            base["pipeline"] = m.get("pipeline") if isinstance(m.get("pipeline"), str) else base["pipeline"]
+        digest = m.get("digest") if m is not None else None
+        if m is None or not is_hex_id(digest):
+            problems.append({**base, "problem": "unreadable-action"})
+            continue
+        base["digest"] = digest
+        if m.get("key") != key:
+            problems.append({**base, "problem": "wrong-key",
+                             "detail": f"it names key {str(m.get('key'))[:12]}"})
+            continue
+        if not store.object_path(digest).is_dir():
+            problems.append({**base, "problem": "missing-object"})
+            continue
+        why = store.provenance_problem(key, digest, m)
+        if why:
+            problems.append({**base, "problem": "unrecorded", "detail": why})
+            continue
+        by_digest.setdefault(digest, []).append(base)
+    hashed_bytes = 0
+    for digest, rows in by_digest.items():
+        if deep:
+            hashed_bytes += tree_size(store.object_path(digest))
+        if not store.verify_object(digest, deep=deep):
+            problems.extend({**row, "problem": "corrupt-object"} for row in rows)
+    for p in problems:
+        p["message"] = PROBLEMS[p["problem"]] + (f" ({p['detail']})" if p.get("detail") else "")
+        p.pop("detail", None)
+        p["repaired"] = False
+    if repair:
+        corrupt = {p["digest"] for p in problems if p["problem"] == "corrupt-object"}
+        for key, apath in list(store.actions()):  # every action pointing at a corrupt object
+            m = store.read_action(key) or {}
+            if m.get("digest") in corrupt:
+                store.discard_action(key)
+        for digest in corrupt:
+            store.discard_object(digest)
+        for p in problems:
+            if p["problem"] != "corrupt-object":
+                store.discard_action(p["key"])
+            p["repaired"] = not store.action_path(p["key"]).exists()
+    return {
+        "store": str(store.root),
+        "deep": deep,
+        "checked": checked,
+        "objects": len(by_digest),
+        "hashed_bytes": hashed_bytes,
+        "problems": problems,
+        "missing": missing,
+        "ok": all(p["repaired"] for p in problems),
+    }
