@@ -24,17 +24,17 @@ def _err(msg: str) -> None:
 
 
 def _var_overrides(items: list[str] | None) -> dict:
-    import yaml
+    """``--var NAME=VALUE`` items as {NAME: value}; VALUE is YAML, read with the limits of
+    pipeline files (an alias bomb is refused, not expanded); text that is not YAML stays
+    a string.  Whether NAME is a variable of the pipeline is checked when it is loaded."""
+    from .yamlsource import load_value
 
     out = {}
     for item in items or ():
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise WeightflowError(f"--var expects NAME=VALUE, got {item!r}")
-        try:
-            out[name] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            out[name] = value
+        out[name] = load_value(value, f"--var {name}") if value else ""
     return out
 
 
@@ -109,10 +109,20 @@ def cmd_run(args) -> int:
     _check_steps(p, args.target, "--target")
     _check_steps(p, args.force, "--force")
     show = sys.stderr.isatty() and not args.quiet
-    runner = Runner(p, _store(args), targets=args.target, force=args.force, frozen=args.frozen,
+    store = _store(args)
+    runner = Runner(p, store, targets=args.target, force=args.force, frozen=args.frozen,
                     show_progress=show, log=(lambda m: None) if args.quiet else _err,
-                    export=not args.no_export)
-    outcome = runner.run()
+                    export=not args.no_export, force_export=args.force_export, relock=args.relock)
+    try:
+        outcome = runner.run()
+    except OSError as exc:
+        import errno
+
+        from .executor import disk_full_error
+
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise disk_full_error(exc, fallback=store.root) from None
+        raise
     if args.json:
         doc = _steps_json(p, outcome.steps)
         doc["lock_changed"] = outcome.lock_changed
@@ -258,6 +268,13 @@ def cmd_show(args) -> int:
         print()
         _print_table(rows, ["TENSOR", "SHAPE", "STORAGE", "DENSITY", "L2", "Q" if "q" in str(extra) else "SCALE"])
         print()
+    init = (m.get("info") or {}).get("initialised")
+    if isinstance(init, dict):
+        names = init.get("tensors")
+        what = "all tensors" if names == "all" else ", ".join(map(str, names or []))
+        print(f"initialised {what} (seed {init.get('seed')})")
+    if (m.get("info") or {}).get("dropped"):
+        print(f"dropped   {', '.join(map(str, m['info']['dropped']))}")
     if m.get("info"):
         print(f"info      {json.dumps(m['info'])[:500]}")
     print("lineage")
@@ -271,16 +288,20 @@ def cmd_show(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .executor import export_artifact
+    from .executor import export_artifact, preflight_export
 
     p = _load(args.pipeline, args)
     _check_steps(p, [args.step], "step")
     store = _store(args)
     entry, _ = _entry_for(p, store, args.step)
+    where = {"store_root": store.root, "pipeline_dir": p.base_dir, "force": args.force}
+    preflight_export(args.dir, **where)  # a target it may not replace fails before the re-hash
     if not store.verify(entry):
         raise WeightflowError(f"the cached output of '{args.step}' is corrupted; rerun the pipeline")
-    export_artifact(entry.path, Path(args.dir), entry.manifest)
-    print(f"exported {args.step} ({entry.digest[:12]}) -> {args.dir}")
+    if export_artifact(entry.path, Path(args.dir), entry.manifest, **where):
+        print(f"exported {args.step} ({entry.digest[:12]}) -> {args.dir}")
+    else:
+        print(f"{args.dir} is up to date: it already holds {args.step} ({entry.digest[:12]}), unchanged")
     return 0
 
 
@@ -299,46 +320,77 @@ def cmd_report(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from . import lockfile
+    import math
+
+    from .verify import lock_scope
+
+    days = args.older_than
+    if not math.isfinite(days) or days < 0:
+        raise WeightflowError(f"--older-than expects a number of days >= 0, got {days:g}")
+    store = _store(args)
+    keep_keys = set(lock_scope(args.locks))
+    doc = store.collect(keep_keys, days, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+
+    def size(n: int) -> str:
+        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if n >= scale:
+                return f"{n / scale:.1f} {unit}"
+        return f"{n} B"
+
+    verb = "would remove" if args.dry_run else "removed"
+    def freed(r: dict) -> str:
+        if r["bytes"]:
+            return size(r["bytes"])
+        return "0 (shared)" if r["digest"] and store.object_path(r["digest"]).is_dir() else "-"
+
+    rows = [[r["step"] or "-", r["pipeline"] or "-", freed(r), r["last_used"],
+             r["key"][:12] if r["key"] else f"object {r['digest'][:12]}"] for r in doc["removed"]]
+    if rows:
+        _print_table(rows, ["STEP", "PIPELINE", "SIZE", "LAST USE", "KEY"])
+        print()
+    def n(count: int, word: str, plural: str = "") -> str:
+        return f"{count} {word if count == 1 else plural or word + 's'}"
+
+    print(f"{verb} {n(doc['actions'], 'entry', 'entries')} and "
+          f"{n(doc['objects'], 'object')} ({size(doc['bytes'])})"
+          + (f" and {n(len(doc['staging']), 'abandoned staging dir')}" if doc["staging"] else "")
+          + f"; kept {n(doc['kept_actions'], 'entry', 'entries')} "
+          f"({doc['kept_by_lock']} named by the lock files, the rest used in the last {days:g} days) "
+          f"and {n(doc['kept_objects'], 'object')}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .store import verify_always_env
+    from .verify import lock_scope, verify_store
 
     store = _store(args)
-    keep_keys: set[str] = set()
-    for item in args.locks:
-        path = Path(item)
-        if path.suffix in (".yaml", ".yml"):
-            path = path.with_suffix(".lock")
-        if not path.is_file():
-            raise WeightflowError(f"lock file not found: {path}")
-        keep_keys |= {e.key for e in lockfile.read(path).values()}
-    import json as _json
-
-    keep_digests = set()
-    drop_actions = []
-    for key, apath in store.actions():
-        if key in keep_keys:
-            try:
-                keep_digests.add(_json.loads(apath.read_text())["digest"])
-            except (OSError, ValueError, KeyError):
-                drop_actions.append(apath)
-        else:
-            drop_actions.append(apath)
-    drop_objects = [p for d, p in store.objects() if d not in keep_digests]
-    freed = sum(f.stat().st_size for o in drop_objects for f in o.rglob("*") if f.is_file())
-    if not args.dry_run:
-        for a in drop_actions:
-            a.unlink(missing_ok=True)
-        for o in drop_objects:
-            shutil.rmtree(o, ignore_errors=True)
-        shutil.rmtree(store.root / "tmp", ignore_errors=True)
-    verb = "would remove" if args.dry_run else "removed"
-    doc = {"dry_run": args.dry_run, "actions": len(drop_actions), "objects": len(drop_objects),
-           "bytes": freed, "kept_objects": len(keep_digests)}
+    scope = lock_scope(args.pipelines) if args.pipelines else None
+    deep = args.deep or verify_always_env()
+    doc = verify_store(store, scope, deep=deep, repair=args.repair)
     if args.json:
         print(json.dumps(doc))
     else:
-        print(f"{verb} {len(drop_actions)} entries and {len(drop_objects)} objects "
-              f"({freed / 1e6:.1f} MB); kept {len(keep_digests)} objects")
-    return 0
+        for p in doc["problems"]:
+            who = f"step '{p['step']}'" if p["step"] else "an unknown step"
+            where = f" of {p['pipeline']}" if p["pipeline"] else ""
+            obj = f", object {p['digest'][:12]}" if p["digest"] else ""
+            print(f"{p['problem']}: {who}{where} (key {p['key'][:12]}{obj}): {p['message']}"
+                  + (" -- discarded" if p["repaired"] else ""))
+        for m in doc["missing"]:
+            _err(f"note: step '{m['step']}' of {m['pipeline']} is not in the store "
+                 f"(key {m['key'][:12]})")
+        bad = len(doc["problems"])
+        fixed = sum(p["repaired"] for p in doc["problems"])
+        print(f"checked {doc['checked']} entries ({doc['objects']} objects"
+              + (f", {doc['hashed_bytes'] / 1e6:.1f} MB re-hashed" if deep else
+                 ", unchanged files trusted; --deep re-hashes every byte") + "): "
+              + ("no problems" if not bad else f"{bad} problem{'s' if bad != 1 else ''}"
+                 + (f", {fixed} discarded" if args.repair else "; --repair discards them")))
+    return 0 if doc["ok"] else 1
 
 
 def cmd_schema(args) -> int:
@@ -404,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--frozen", action="store_true",
                     help="fail without running anything if the lock file would change")
     sp.add_argument("--no-export", action="store_true", help="do not write the pipeline's outputs")
+    sp.add_argument("--force-export", action="store_true",
+                    help="replace an output directory even if its files were changed since weightflow "
+                    "exported it (a directory weightflow did not write is never replaced)")
+    sp.add_argument("--relock", action="store_true",
+                    help="ignore the existing lock file (even an unreadable one) and write a fresh one "
+                    "from this run")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     sp = add("dag", cmd_dag, "print the step graph", json_=False)
     g = sp.add_mutually_exclusive_group()
@@ -416,15 +474,49 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("export", cmd_export, "write a step's output as a normal model directory", cache=True,
              json_=False)
     sp.add_argument("step")
-    sp.add_argument("dir")
+    sp.add_argument("dir", help="a new or empty directory, or one a previous export wrote")
+    sp.add_argument("--force", action="store_true",
+                    help="replace DIR even if its files were changed since weightflow exported it "
+                    "(a directory weightflow did not write is never replaced)")
     sp = add("report", cmd_report, "render every evaluate report of a pipeline as Markdown and HTML "
              "(bar charts)", cache=True)
     sp.add_argument("--out", metavar="DIR", help="where to write PIPELINE.report.md and "
                     ".report.html (default: beside the pipeline)")
-    sp = add("gc", cmd_gc, "remove store entries that no given lock file references", pipeline=False,
+    sp = add("gc", cmd_gc, "remove store entries unused for --older-than days that no given lock "
+             "file names", pipeline=False, cache=True)
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.description = (
+        "Remove store entries that no given lock file names and that no command has used\n"
+        "(looked up) in the last --older-than days, the objects only they reference, and\n"
+        "staging directories left by killed runs.  The store is shared by all your pipelines,\n"
+        "so lock files are optional: they only protect their entries however old they are;\n"
+        "an entry another pipeline used recently is kept either way.  Objects referenced by a\n"
+        "kept entry are kept.  Every removed entry is listed (step, pipeline, size, last use).")
+    sp.add_argument("locks", nargs="*", metavar="LOCK",
+                    help="lock files (or their pipelines) whose entries are kept whatever their age")
+    sp.add_argument("--older-than", type=float, default=14.0, metavar="DAYS",
+                    help="remove only entries unused for this many days (default: 14; 0: every "
+                    "entry no lock file names)")
+    sp.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    sp = add("verify", cmd_verify, "check that store entries still hold what they claim", pipeline=False,
              cache=True)
-    sp.add_argument("locks", nargs="+", metavar="LOCK", help="lock files (or their pipelines) to keep")
-    sp.add_argument("--dry-run", action="store_true")
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.description = (
+        "Check every store entry (or those of the given pipelines' lock files): the action\n"
+        "names its key, its object exists, was published by that key and still hashes to its\n"
+        "digest.  Each problem names the step and pipeline that made the entry.  Exits 1 while\n"
+        "problems remain.\n\n"
+        "Trade-off: without --deep an object whose files keep the size, mtime and inode they\n"
+        "had when last verified is trusted without re-reading it (fast); corruption that keeps\n"
+        "those (bit rot, an in-place rewrite that restores the mtime) needs --deep, which reads\n"
+        "every byte.  To re-hash on every use instead, set WEIGHTFLOW_VERIFY=always or put\n"
+        "'verify: always' in a pipeline (runs and exports get slower by a full read of each\n"
+        "artifact they touch).")
+    sp.add_argument("pipelines", nargs="*", metavar="PIPELINE",
+                    help="pipelines (or their .lock files) whose entries to check (default: all)")
+    sp.add_argument("--deep", action="store_true", help="re-hash every byte, ignoring the memo")
+    sp.add_argument("--repair", action="store_true",
+                    help="discard what is bad (the entry; for a corrupt object, the object too)")
     add("schema", cmd_schema, "print the JSON Schema of the pipeline language", pipeline=False,
         json_=False)
     sp = add("ops", cmd_ops, "list every op with its parameters", pipeline=False)
@@ -435,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # weightflow never reads stdin: a library's "run the custom code? [y/N]" prompt must not
+    # be answerable by `echo y | weightflow run` (it then fails instead of running code)
+    if getattr(sys.stdin, "name", None) != os.devnull:
+        sys.stdin = open(os.devnull)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

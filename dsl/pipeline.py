@@ -19,10 +19,14 @@ from pydantic import BaseModel, ValidationError
 from . import registry
 from .diagnostics import Diagnostic, PipelineError, did_you_mean
 from .oplib import DataFile, OpSpec, StepRef, field_markers, iter_values
-from .yamlsource import Positions, load_yaml
+from .yamlsource import MAX_FILE_BYTES, Positions, load_yaml, size_problem
 
 SUPPORTED_VERSIONS = (1,)
-TOP_LEVEL_KEYS = ("weightflow", "name", "description", "seed", "dtype", "vars", "steps", "outputs")
+TOP_LEVEL_KEYS = ("weightflow", "name", "description", "seed", "dtype", "vars", "steps", "outputs",
+                  "verify")
+# ``verify: always`` re-hashes every cached artifact and source file on each read instead of
+# trusting the memo's (size, mtime, inode) signature: slower, but catches silent corruption.
+VERIFY_MODES = ("changed", "always")
 DTYPES = ("float32", "float16", "bfloat16")
 STEP_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -69,6 +73,7 @@ class Pipeline:
     positions: Positions
     display: str = ""
     warnings: list[Diagnostic] = field(default_factory=list)
+    verify: str = "changed"  # or "always": see VERIFY_MODES
 
     def diagnostic(self, step: str, message: str, path: tuple = ()) -> Diagnostic:
         """A diagnostic at ``path`` inside step ``step`` (for problems found after parsing)."""
@@ -538,11 +543,33 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
     return step
 
 
+def _check_overrides(overrides: dict, vars_: dict, data: dict, col: _Collector) -> dict:
+    """The ``--var`` overrides that name a variable of the file; the others are errors
+    (a misspelt ``--var drop_rat=...`` would otherwise be ignored without a word)."""
+    where = ("vars",) if "vars" in data else ()
+    out = {}
+    for name, value in overrides.items():
+        if name not in vars_:
+            if vars_:
+                col.at_key(where, f"--var {name}: the pipeline has no variable '{name}'"
+                           f"{did_you_mean(name, vars_)}; its vars: {', '.join(sorted(vars_))} "
+                           "(--var can only override a variable defined under 'vars:')")
+            else:
+                col.at_key(where, f"--var {name}: the pipeline defines no variables (under 'vars:'), "
+                           f"so there is no '{name}' to override")
+            continue
+        if any(True for _ in _huge_ints(value)):
+            col.at_key(where, f"--var {name}: integer too large (more than {MAX_INT_BITS} bits)")
+            continue
+        out[name] = value
+    return out
+
+
 def parse_text(text: str, path: Path, display: str | None = None,
                var_overrides: dict | None = None) -> Pipeline:
     """Parse and validate pipeline ``text`` (read from ``path``); raise PipelineError.
 
-    ``var_overrides`` replace (or add) ``vars`` before interpolation: the CLI's
+    ``var_overrides`` replace ``vars`` before interpolation (each must be defined there): the CLI's
     ``--var NAME=VALUE``, so a library pipeline runs on a user's own inputs unedited.
     """
     try:
@@ -569,7 +596,7 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
 
     seed, dtype, vars_ = _check_top(data, col)
     if var_overrides:
-        vars_ = {**vars_, **var_overrides}
+        vars_ = {**vars_, **_check_overrides(var_overrides, vars_, data, col)}
     steps_raw = data.get("steps")
     if "steps" not in data:
         col.at_value((), "missing required top-level key 'steps' (a mapping of step name -> step)")
@@ -583,6 +610,10 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
     elif not steps_raw:
         col.at_value(("steps",), "'steps' is empty: a pipeline needs at least one step")
 
+    verify = data.get("verify", "changed")
+    if verify not in VERIFY_MODES:
+        col.at_value(("verify",), f"'verify' must be one of {', '.join(VERIFY_MODES)}, got {_short(verify)}")
+        verify = "changed"
     defaults = {"seed": seed, "dtype": dtype}
     steps: dict[str, Step] = {}
     for name, raw in steps_raw.items():
@@ -624,6 +655,7 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
         outputs=outputs,
         positions=pos,
         display=filename,
+        verify=verify,
     )
     col.items.extend(check_graph(pipeline, set(k for k in steps_raw if isinstance(k, str)), filename))
     errors = [d for d in col.items if d.severity == "error"]
@@ -637,9 +669,26 @@ def load_pipeline(path: str | os.PathLike, var_overrides: dict | None = None) ->
     """Read and validate the pipeline file at ``path`` (``var_overrides``: see parse_text)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as fh:
+            # Size first, before reading (let alone parsing) a file far too big to be a pipeline;
+            # a device or FIFO has no size, so read one byte past the limit to be sure.
+            too_big = size_problem(os.fstat(fh.fileno()).st_size)
+            if not too_big:
+                raw = fh.read(MAX_FILE_BYTES + 1)
+                too_big = size_problem(len(raw), exact=False)
     except FileNotFoundError:
         raise PipelineError([Diagnostic(str(path), 1, 1, "pipeline file not found")])
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise PipelineError([Diagnostic(str(path), 1, 1, f"cannot read pipeline file: {exc}")])
+    if too_big:
+        raise PipelineError([Diagnostic(str(path), 1, 1, too_big)])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PipelineError([Diagnostic(str(path), line, col, f"cannot read pipeline file: not valid "
+                                        f"UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset "
+                                        f"{exc.start}); save it as UTF-8")]) from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
     return parse_text(text, p.resolve(), display=str(path), var_overrides=var_overrides)

@@ -546,6 +546,9 @@ class Store:
     def staging(self) -> Iterator[Path]:
         """A fresh staging directory, removed afterwards unless it was published.
 
+        The directory yielded is ``tmp/<id>/out``; ``tmp/<id>`` holds it and any scratch
+        folders an op makes beside it, and is removed as a whole.
+
         While it exists this process holds an exclusive flock on ``tmp/<id>.lock``;
         the kernel drops it when the process dies (even by SIGKILL), which is how
         ``clean_stale_staging`` tells a dead run's leftovers from a live run's.
@@ -566,7 +569,10 @@ class Store:
         tmp = base / ident
         try:
             tmp.mkdir()
-            yield tmp
+            # The artifact is built in ``<id>/out``; ops put their scratch folders beside it
+            # (``ctx.out.parent``), so they too belong to this owner and go with it.
+            (tmp / "out").mkdir()
+            yield tmp / "out"
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -124,7 +124,7 @@ def _staging_of_killed_process(store_dir: Path) -> Path:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, err
     tmp = Path(out.strip())
-    assert tmp.is_dir() and tmp.parent == store_dir / "tmp"
+    assert tmp.is_dir() and tmp.parent.parent == store_dir / "tmp"
     return tmp
 
 
@@ -133,7 +133,7 @@ def test_staging_left_by_a_sigkilled_run_is_removed_by_the_next_run(tmp_path, st
     path = write_pipeline(tmp_path, NOTES)
     _, status = run(path, store_dir)
     assert set(status.values()) == {"executed"}
-    assert not dead.exists()
+    assert not dead.exists() and not dead.parent.exists()
     assert list((store_dir / "tmp").iterdir()) == []  # its .lock file went too
 
 
@@ -147,7 +147,7 @@ def test_gc_and_run_keep_a_live_runs_staging_but_remove_a_dead_ones(tmp_path, st
         assert live.is_dir()
         assert _cli("gc", path, "--older-than", "0", "--cache-dir", store_dir) == 0
         assert live.is_dir() and (live / "model.safetensors").is_file()
-        assert not dead.exists()
+        assert not dead.exists() and not dead.parent.exists()
         run(path, store_dir)
         assert live.is_dir()
         out, _ = holder.communicate("go\n", timeout=60)
@@ -155,7 +155,7 @@ def test_gc_and_run_keep_a_live_runs_staging_but_remove_a_dead_ones(tmp_path, st
     finally:
         if holder.poll() is None:
             holder.kill()
-    assert not live.exists()  # the owner removed its own staging on the way out
+    assert not live.parent.exists()  # the owner removed its own staging on the way out
     assert list((store_dir / "tmp").iterdir()) == []
 
 
