@@ -207,16 +207,91 @@ class ShardedWriter:
         self._handles = []
 
 
+class HeaderError(ValueError):
+    """A safetensors file whose header is malformed; ``detail`` says what, without the path."""
+
+    def __init__(self, path, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.path, self.detail = path, detail
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_header(header, start: int, size: int, path) -> None:
+    """Refuse a header that does not describe the file: unknown dtypes, bad shapes, byte
+    ranges that disagree with dtype x shape, run past the end of the file, or overlap."""
+    if not isinstance(header, dict):
+        raise HeaderError(path, f"header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                 for k, v in meta.items())):
+        raise HeaderError(path, "__metadata__ must map strings to strings")
+    ranges = []
+    for name, m in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(m, dict):
+            raise HeaderError(path, f"tensor '{name}': entry is not an object")
+        dtype, shape, offs = m.get("dtype"), m.get("shape"), m.get("data_offsets")
+        if dtype not in ITEMSIZE:
+            raise HeaderError(path, f"tensor '{name}': unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise HeaderError(path, f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
+                and 0 <= offs[0] <= offs[1]):
+            raise HeaderError(path, f"tensor '{name}': data_offsets {offs!r} are not [begin, end] with "
+                                    "0 <= begin <= end")
+        nbytes = TensorInfo(name, dtype, tuple(shape)).nbytes
+        if offs[1] - offs[0] != nbytes:
+            raise HeaderError(path, f"tensor '{name}': data_offsets {offs} span {offs[1] - offs[0]} bytes, "
+                                    f"but {dtype} {shape} takes {nbytes}")
+        if start + offs[1] > size:
+            raise HeaderError(path, f"tensor '{name}': data_offsets {offs} run past the end of the file "
+                                    f"({size - start} bytes of data)")
+        if nbytes:
+            ranges.append((offs[0], offs[1], name))
+    ranges.sort()
+    for (a0, a1, a), (b0, b1, b) in zip(ranges, ranges[1:]):
+        if b0 < a1:
+            raise HeaderError(path, f"tensors '{a}' {[a0, a1]} and '{b}' {[b0, b1]} overlap in the file")
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"name '{k}' appears twice")
+        seen[k] = v
+    return seen
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
+    """The JSON header of a safetensors file and the offset where its data starts.
+
+    The header is checked against the file (``check_header``); a malformed one raises
+    ``HeaderError`` (a ValueError) naming the file and the tensor.
+    """
+    size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
+            raise HeaderError(path, "not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise HeaderError(path, f"not a safetensors file: header length {n} runs past the end of "
+                                    f"the file ({size} bytes)")
         if n > 100 << 20:
-            raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
-        header = json.loads(fh.read(n))
+            raise HeaderError(path, f"not a safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(fh.read(n), object_pairs_hook=_no_duplicates)
+        except ValueError as exc:  # also bad UTF-8 and repeated names
+            raise HeaderError(path, f"not a safetensors file: the header is not valid JSON ({exc})") from None
+    check_header(header, 8 + n, size, path)
+    from .sparse import sparse_specs  # (sparse imports this module)
+
+    sparse_specs(header, path)
     return header, 8 + n
 
 

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import blake3
 
-from .checkpoint import ITEMSIZE, TensorDigest, TensorInfo
+from .checkpoint import ITEMSIZE, HeaderError, TensorDigest, TensorInfo
 
 SPARSE_META = "weightflow.sparse"
 MASK_SUFFIX = "::mask"
@@ -35,6 +35,58 @@ SPARSE_BELOW = 0.75  # store sparse when that takes under 75% of the dense bytes
 _CHUNK = 1 << 22     # elements per conversion step (a multiple of 8: whole mask bytes)
 _NP_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I64": "int64", "I32": "int32",
               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+# Logical dtypes a sparse tensor may have (those the readers decode).
+SPARSE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+
+
+def sparse_specs(header: dict, path) -> dict[str, dict]:
+    """The ``weightflow.sparse`` entries of a safetensors header, checked against the
+    ``::mask`` and ``::values`` tensors they describe; ``HeaderError`` (naming the file and
+    the tensor) when they do not fit.  Whether the mask's popcount equals the number of
+    values is checked by the reader as it decodes (it would otherwise read every mask twice).
+    """
+    raw = (header.get("__metadata__") or {}).get(SPARSE_META)
+    if raw is None:
+        return {}
+    try:
+        specs = json.loads(raw)
+    except ValueError as exc:
+        raise HeaderError(path, f"__metadata__ '{SPARSE_META}' is not valid JSON ({exc})") from None
+    if not isinstance(specs, dict):
+        raise HeaderError(path, f"__metadata__ '{SPARSE_META}' is not a JSON object")
+    for name, spec in specs.items():
+        what = f"sparse tensor '{name}'"
+        if not isinstance(spec, dict):
+            raise HeaderError(path, f"{what}: its '{SPARSE_META}' entry is not an object")
+        dtype, shape = spec.get("dtype"), spec.get("shape")
+        if dtype not in SPARSE_DTYPES:
+            raise HeaderError(path, f"{what}: dtype {dtype!r} is not one of {', '.join(SPARSE_DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise HeaderError(path, f"{what}: shape {shape!r} is not a list of non-negative integers")
+        if name in header:
+            raise HeaderError(path, f"{what} is also stored as a dense tensor")
+        mask, values = header.get(name + MASK_SUFFIX), header.get(name + VALUES_SUFFIX)
+        for part, m in ((MASK_SUFFIX, mask), (VALUES_SUFFIX, values)):
+            if not isinstance(m, dict):
+                raise HeaderError(path, f"{what}: the file has no '{name}{part}' tensor")
+        numel = _numel(shape)
+        nb = (numel + 7) // 8
+        if mask.get("dtype") != "U8" or mask.get("shape") != [nb]:
+            raise HeaderError(path, f"{what}: mask '{name}{MASK_SUFFIX}' is {mask.get('dtype')} "
+                                    f"{mask.get('shape')}; {numel} elements need U8 [{nb}] "
+                                    f"({nb} byte{'s' if nb != 1 else ''})")
+        if values.get("dtype") != dtype:
+            raise HeaderError(path, f"{what}: values '{name}{VALUES_SUFFIX}' are {values.get('dtype')}, "
+                                    f"but the tensor is {dtype}")
+        vshape = values.get("shape")
+        if not (isinstance(vshape, list) and len(vshape) == 1 and isinstance(vshape[0], int)
+                and 0 <= vshape[0] <= numel):
+            raise HeaderError(path, f"{what}: values '{name}{VALUES_SUFFIX}' have shape {vshape}; expected "
+                                    f"[count] with at most {numel} values (one per element)")
+    return specs
 
 
 @dataclass

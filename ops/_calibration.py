@@ -41,7 +41,7 @@ def windows(cal: Calibration, data_path: Path, model_dir: Path, max_len: int | N
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as exc:
         raise OpError(f"calibration text needs the model's tokenizer, and none loads from it ({exc}); "
                       "give pre-tokenized .jsonl with input_ids instead") from None

@@ -10,6 +10,7 @@ generically: the ``ModuleList`` holding ``num_hidden_layers`` modules.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,30 +30,145 @@ def architectures(model_dir: Path) -> list[str]:
         raise OpError(f"{model_dir} has no readable config.json") from None
 
 
+def _why(exc: Exception) -> str:
+    text = str(exc).strip()
+    if "custom code" in text:
+        return ("it needs the model's own Python code (an auto_map in its config), which weightflow "
+                "runs only for a load step with trust_remote_code: true")
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def load_model(model_dir: Path, device: str = "cpu"):
-    """The stored model in float32, in eval mode, as the class its config names."""
+    """The stored model in float32, in eval mode, as the class its config names.
+
+    Never runs code from the model directory (trust_remote_code=False) and never hands back
+    a partly random model: a tensor the architecture has but the files lack is an error.
+    """
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     archs = architectures(model_dir)
     cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-        try:
-            transformers.AutoModelForCausalLM._model_mapping[type(config)]
-            cls = transformers.AutoModelForCausalLM
-        except KeyError:
-            cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+            try:
+                transformers.AutoModelForCausalLM._model_mapping[type(config)]
+                cls = transformers.AutoModelForCausalLM
+            except KeyError:
+                cls = transformers.AutoModel
+        model, info = cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                          trust_remote_code=False, output_loading_info=True)
     except Exception as exc:
-        raise OpError(f"cannot instantiate the model in {model_dir} "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+        raise OpError(f"cannot instantiate the model in {model_dir} ({_why(exc)})") from None
+    check_loaded(model, info, None, f"the model in {model_dir}", new_head=False, check_unexpected=False)
     model.eval()
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     return model.to(device)
+
+
+# Checkpoint tensors transformers derives rather than loads (old persistent buffers).
+_DERIVED = re.compile(r"(^|\.)position_ids$|rotary_emb\.inv_freq$")
+
+
+def check_loaded(model, info: dict, ckpt, label: str, new_head: bool, compare_values: bool = False,
+                 check_unexpected: bool = True) -> dict:
+    """Check that transformers filled ``model`` from the files, not from its random init.
+
+    ``info`` is ``from_pretrained(..., output_loading_info=True)``'s report and ``ckpt`` the
+    files' ``Checkpoint`` (None: no per-file checks).  Every tensor the model has must have
+    been loaded, with its shape; only a new head -- tensors outside the base model, when
+    ``new_head`` -- may be missing (it is initialised).  Tensors the files hold that the model
+    does not use are errors, except the old head that a new one replaces (dropped) and
+    derived buffers.  Tensors the model took from the files under a name we can tell are
+    also checked for the kind of dtype (float where a float is expected) and, with
+    ``compare_values``, for holding exactly the file's values converted to the model's
+    dtype.  Returns {"initialised": [names], "dropped": [names]}; raises OpError naming the
+    file and the tensor otherwise.
+    """
+    from weightflow.ops._tensors import FLOAT_ST
+
+    arch = type(model).__name__
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    has_head = isinstance(base, torch.nn.Module) and base is not model
+    files = set(ckpt.names()) if ckpt is not None else set()
+    file_prefixed = bool(prefix) and any(n.startswith(prefix + ".") for n in files)
+
+    def in_head(key: str) -> bool:
+        return has_head and not key.startswith(prefix + ".")
+
+    def file_key(key: str) -> str | None:
+        """The file's name for model tensor ``key`` (with or without the base-model prefix)."""
+        cands = [key]
+        if prefix:
+            cands.append(key[len(prefix) + 1:] if key.startswith(prefix + ".") else f"{prefix}.{key}")
+        for c in list(cands):  # LayerNorm's old names
+            if c.endswith(".weight"):
+                cands.append(c[: -len("weight")] + "gamma")
+            elif c.endswith(".bias"):
+                cands.append(c[: -len("bias")] + "beta")
+        return next((c for c in cands if c in files), None)
+
+    def where(name: str | None) -> str:
+        return f"in {ckpt.file_of(name).name} of {label}" if ckpt is not None and name in files else f"in {label}"
+
+    def desc(t) -> str:
+        return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+    state = model.state_dict(keep_vars=True)
+    problems: list[str] = []
+    for msg in info.get("error_msgs") or []:
+        problems.append(str(msg).strip().splitlines()[0][:300])
+    mismatched = set()
+    for key, stored, expected in info.get("mismatched_keys") or []:
+        mismatched.add(key)
+        fk = file_key(key) or key
+        problems.append(f"tensor '{fk}' {where(fk)} has shape {list(stored)}; {arch} expects {list(expected)}")
+    initialised = []
+    for key in sorted(set(info.get("missing_keys") or []) - mismatched):
+        if new_head and in_head(key):
+            initialised.append(key)
+        else:
+            t = state.get(key)
+            problems.append(f"tensor '{key}'{f' ({desc(t)})' if t is not None else ''} of {arch} is in no "
+                            f"file of {label}; it would be randomly initialised")
+    dropped = []
+    for key in sorted(info.get("unexpected_keys") or []):
+        if _DERIVED.search(key) or not check_unexpected:
+            continue
+        if new_head and file_prefixed and not key.startswith(prefix + "."):
+            dropped.append(key)  # the old head, replaced by the new one
+        else:
+            problems.append(f"tensor '{key}' {where(key)} is not part of {arch}")
+    if ckpt is not None and not problems:
+        skip = set(initialised) | mismatched
+        for key, t in state.items():
+            fk = None if key in skip else file_key(key)
+            if fk is None:  # initialised, tied to another tensor, or converted by transformers
+                continue
+            stored = ckpt.info[fk]
+            if tuple(stored.shape) != tuple(t.shape):
+                problems.append(f"tensor '{fk}' {where(fk)} has shape {list(stored.shape)}; {arch} expects "
+                                f"{list(t.shape)}")
+            elif t.is_floating_point() != (stored.dtype in FLOAT_ST):
+                kind = "a floating-point" if t.is_floating_point() else f"a {str(t.dtype).removeprefix('torch.')}"
+                problems.append(f"tensor '{fk}' {where(fk)} is {stored.dtype}; {arch} expects {kind} tensor "
+                                "there")
+            elif compare_values and t.device.type != "meta":
+                want = ckpt.get(fk).to(t.dtype)
+                got = t.detach()
+                same = torch.equal(got, want) or (t.is_floating_point() and
+                                                  bool(((got == want) | (got.isnan() & want.isnan())).all()))
+                if not same:
+                    problems.append(f"tensor '{fk}' {where(fk)} is not what {arch} holds after loading "
+                                    "(its values differ)")
+    if problems:
+        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise OpError(f"{label} does not fit {arch}: " + "; ".join(problems[:6]) + more)
+    return {"initialised": initialised, "dropped": dropped}
 
 
 def is_causal_lm(model) -> bool:
@@ -72,10 +188,11 @@ def load_tokenizer(model_dir: Path, required: str | None = None):
     tok = None
     if any((Path(model_dir) / f).is_file() for f in names):
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+            tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         except Exception as exc:
             if required:
-                raise OpError(f"{required} needs the model's tokenizer, and it does not load ({exc})") from None
+                raise OpError(f"{required} needs the model's tokenizer, and it does not load "
+                              f"({_why(exc)})") from None
     if tok is None and required:
         raise OpError(f"{required} needs the model's tokenizer, and the model has none; give "
                       "pre-tokenized data (.jsonl with input_ids) instead")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import Iterable
 
 import torch
 
-from weightflow.dsl.checkpoint import INDEX_SUFFIX, ITEMSIZE, TensorInfo, read_header
-from weightflow.dsl.sparse import MASK_SUFFIX, SPARSE_META, VALUES_SUFFIX
+from weightflow.dsl.checkpoint import INDEX_SUFFIX, ITEMSIZE, HeaderError, TensorInfo, read_header
+from weightflow.dsl.sparse import MASK_SUFFIX, VALUES_SUFFIX, sparse_specs
 from weightflow.dsl.diagnostics import OpError
 from weightflow.ops._layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
 
@@ -66,27 +67,38 @@ class Checkpoint:
         for f in files:
             try:
                 header, start = read_header(f)
+                sparse = sparse_specs(header, f)
+            except HeaderError as exc:
+                raise OpError(f"cannot read {f.name} of {self.label}: {exc.detail}") from None
             except (OSError, ValueError) as exc:
                 raise OpError(f"cannot read {f.name} of {self.label}: {exc}") from None
-            sparse = json.loads((header.get("__metadata__") or {}).get(SPARSE_META, "{}"))
             for name, spec in sparse.items():
+                if name in self.info:
+                    raise OpError(f"tensor '{name}' appears in two shard files of {self.label}")
                 mask, values = header[name + MASK_SUFFIX], header[name + VALUES_SUFFIX]
                 self.info[name] = TensorInfo(name, spec["dtype"], tuple(spec["shape"]))
                 self._sparse[name] = _SparseLoc(f, start + mask["data_offsets"][0],
-                                                start + values["data_offsets"][0], values["shape"][0])
+                                                start + values["data_offsets"][0], values["shape"][0],
+                                                math.prod(spec["shape"]))
+            parts = {n + suffix for n in sparse for suffix in (MASK_SUFFIX, VALUES_SUFFIX)}
             for name, meta in header.items():
-                if name == "__metadata__" or name.split("::")[0] in sparse:
+                if name == "__metadata__" or name in parts:
                     continue
                 if name in self.info:
                     raise OpError(f"tensor '{name}' appears in two shard files of {self.label}")
                 if meta["dtype"] not in ST_TO_TORCH:
-                    raise OpError(f"tensor '{name}' of {self.label} has unsupported dtype {meta['dtype']}")
+                    raise OpError(f"tensor '{name}' in {f.name} of {self.label} has unsupported dtype "
+                                  f"{meta['dtype']}")
                 self.info[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]))
                 self._loc[name] = (f, start + meta["data_offsets"][0])
         self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return list(self.info)
+
+    def file_of(self, name: str) -> Path:
+        """The shard file holding tensor ``name``."""
+        return self._sparse[name].file if name in self._sparse else self._loc[name][0]
 
     def __contains__(self, name: str) -> bool:
         return name in self.info
@@ -130,6 +142,11 @@ class Checkpoint:
         bits = np.unpackbits(np.frombuffer(self._read(loc.file, loc.mask_offset + b0, b1 - b0), np.uint8),
                              bitorder="little")[s - b0 * 8: s - b0 * 8 + (e - s)]
         k = int(bits.sum())
+        seen = loc.cursor[1] + k
+        if seen > loc.nnz or (e == loc.numel and seen != loc.nnz):
+            upto = "" if e == loc.numel else f" in its first {e} elements"
+            raise OpError(f"sparse tensor '{name}' in {loc.file.name} of {self.label}: its mask sets {seen} "
+                          f"bits{upto} but it has {loc.nnz} values")
         item = torch.empty((), dtype=dtype).element_size()
         vals = self._read(loc.file, loc.values_offset + loc.cursor[1] * item, k * item)
         out = torch.zeros(e - s, dtype=dtype)
@@ -173,6 +190,7 @@ class _SparseLoc:
     mask_offset: int
     values_offset: int
     nnz: int
+    numel: int
     cursor: tuple[int, int] = (0, 0)  # (element position, nonzeros before it) of the last read
 
 

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from weightflow.dsl.diagnostics import OpError
 from weightflow.ops._data import read_records
-from weightflow.ops._models import architectures, load_tokenizer, pad_id, save_model  # noqa: F401 (save_model re-exported)
+from weightflow.ops._models import _why as _models_why
+from weightflow.ops._models import architectures, check_loaded, load_tokenizer, pad_id, save_model  # noqa: F401 (save_model re-exported)
 from weightflow.ops._train_params import TrainParams, check_records, label_value, where
 
 IGNORE = -100  # label of positions without loss (prompt tokens, padding)
@@ -91,7 +92,14 @@ def load_model(model_dir: Path, task: str, ctx):
                  "(load the model with task: and num_labels: to control it)")
     cls = (transformers.AutoModelForCausalLM if task == "causal-lm"
            else transformers.AutoModelForSequenceClassification)
-    return cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    try:
+        model, info = cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                          trust_remote_code=False, output_loading_info=True)
+    except Exception as exc:
+        raise OpError(f"cannot instantiate the input model as a {task} model ({_models_why(exc)})") from None
+    # only the new head may be initialised; a backbone tensor missing from the files is an error
+    check_loaded(model, info, None, f"the input model {model_dir}", new_head=True, check_unexpected=False)
+    return model
 
 
 # -- data ----------------------------------------------------------------------------

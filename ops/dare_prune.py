@@ -108,7 +108,8 @@ def _auto_q(inputs, params: DareParams, ctx, delta, names) -> dict[str, float]:
 
     model_art = inputs["model"]
     transformers.utils.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_art.path, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_art.path, dtype=torch.float32,
+                                                              use_safetensors=True, trust_remote_code=False)
     model.eval()
     max_len = getattr(model.config, "max_position_embeddings", None)
     cal = params.calibration

@@ -4,7 +4,15 @@ Sources: a local Hugging Face model directory; ``hf:ORG/NAME[@REVISION]`` from t
 hub (the revision is resolved to a commit and pinned in the key); a GGUF file
 (dequantized by transformers); or ``config:`` + ``init_seed`` to build a randomly
 initialised model (tests, demos).  Weights are read from safetensors only -- never
-pickle -- and ``trust_remote_code`` stays off unless the pipeline says so.
+pickle -- and ``trust_remote_code`` stays off unless the pipeline says so (a directory's
+own tokenizer or model code is then never run).  Files of the directory that are symbolic
+links to places outside it are refused unless ``follow_symlinks: true`` (the HF cache's
+snapshot -> blob links are fine).
+
+Nothing is silently random: every tensor of the loaded architecture must come from the
+files, with its shape and a floating-point dtype where a float is expected; only a new
+head (``task`` naming a head the directory lacks) is initialised, from ``init_seed``, and
+the step's manifest (``weightflow show``) lists those tensors and the ones dropped.
 
 A local directory whose architecture already matches ``task`` is imported tensor by
 tensor (memory-mapped, converted to ``dtype``) without instantiating the model; other
@@ -44,6 +52,8 @@ class LoadParams(OpParams):
                                      "(sets num_labels); data labels are then matched by name")
     dtype: Dtype | None = Field(None, description="dtype of the stored weights (default: pipeline dtype)")
     trust_remote_code: bool = Field(False, description="allow a hub model's own Python code to run")
+    follow_symlinks: bool = Field(False, description="read files of the model directory that are symbolic "
+                                  "links to places outside it (refused by default)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -108,6 +118,40 @@ def _local_files(src: Path) -> list[Path]:
     return sorted(f for f in files if f.is_file())
 
 
+def _link_roots(src: Path) -> list[Path]:
+    """Where the files of ``src`` may resolve to: the directory itself, and for a snapshot in
+    the Hugging Face cache (models--ORG--NAME/snapshots/<sha>) that repo's folder, whose
+    blobs/ the snapshot's files link into."""
+    roots = [src.resolve()]
+    for p in (src, src.resolve()):
+        if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+            roots.append(p.parent.parent.resolve())
+    return roots
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def check_links(src: Path, params: LoadParams, files: list[Path] | None = None) -> None:
+    """Refuse entries of ``src`` (or just ``files``) that resolve outside it, unless
+    ``follow_symlinks``: a link like vocab.txt -> /etc/passwd would otherwise be copied into
+    the store and every export."""
+    if params.follow_symlinks:
+        return
+    roots = _link_roots(src)
+    for entry in sorted(src.iterdir()) if files is None else files:
+        try:
+            target = entry.resolve()
+        except (OSError, RuntimeError) as exc:  # a link loop
+            raise OpError(f"{entry.name} in the model directory {src} is a symbolic link that does not "
+                          f"resolve ({exc})") from None
+        if not _inside(target, roots):
+            raise OpError(f"{entry.name} in the model directory {src} is a symbolic link to {target}, "
+                          "outside that directory; refusing to read it (set follow_symlinks: true on the "
+                          "load step to allow links out of the directory)")
+
+
 def fingerprint(params: LoadParams, env) -> dict:
     """Content of what will be loaded: file digests, or the pinned hub commit."""
     if params.config is not None:
@@ -116,6 +160,8 @@ def fingerprint(params: LoadParams, env) -> dict:
     if gguf is not None:
         if not gguf.is_file():
             raise OpError(f"GGUF file not found: {gguf}")
+        if params.gguf_file:
+            check_links(gguf.parent, params, [gguf])
         return {"gguf": env.file_digest(gguf)}
     if params.source.startswith(HF_PREFIX):
         repo, sha = resolve_hf(params.source)
@@ -123,6 +169,7 @@ def fingerprint(params: LoadParams, env) -> dict:
     src = _local(params, env.base_dir)
     if not src.is_dir():
         raise OpError(f"model directory not found: {src}")
+    check_links(src, params)
     files = _local_files(src)
     if not any(f.suffix == ".safetensors" for f in files):
         raise OpError(_no_safetensors(src))
@@ -137,6 +184,9 @@ def _no_safetensors(src: Path) -> str:
 
 
 # -- running ------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
 
 def _needs_instantiation(src: Path, task: str) -> bool:
     import json
@@ -169,14 +219,38 @@ def _auto_class(task: str, config):
         return transformers.AutoModel
 
 
+def _why(exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _build_error(what: str, src: Path, exc: Exception, params: LoadParams) -> OpError:
+    if "custom code" in str(exc) and not params.trust_remote_code:
+        return OpError(f"{what} from {src} needs the directory's own Python code (an auto_map in its "
+                       "config); weightflow never runs it unless the load step sets trust_remote_code: true")
+    return OpError(f"cannot build {what} from {src} ({_why(exc)})")
+
+
+def _record(ctx, report: dict, seed: int) -> None:
+    """Which tensors were initialised (and from which seed) and which were dropped: manifest only."""
+    if report.get("initialised"):
+        ctx.info["initialised"] = {"tensors": report["initialised"], "seed": seed}
+    if report.get("dropped"):
+        ctx.info["dropped"] = report["dropped"]
+
+
 def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, tmp: Path) -> Path:
     """Build the model with transformers and save it (safetensors) into ``tmp``."""
     import torch
     import transformers
 
+    from weightflow.ops._models import check_loaded
+    from weightflow.ops._tensors import Checkpoint
+
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # "newly initialized head" is expected here
     torch.manual_seed(params.init_seed)
+    trust = params.trust_remote_code
     extra = {}
     if params.num_labels is not None:
         extra["num_labels"] = params.num_labels
@@ -192,7 +266,8 @@ def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, t
         except (ValueError, TypeError, KeyError) as exc:
             raise OpError(f"invalid model config: {exc}") from None
         cls = _auto_class(params.task, config)
-        model = cls.from_config(config, trust_remote_code=params.trust_remote_code)
+        model = cls.from_config(config, trust_remote_code=trust)
+        ctx.info["initialised"] = {"tensors": "all", "seed": params.init_seed}
     elif gguf is not None:
         import importlib.util
 
@@ -200,32 +275,87 @@ def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, t
         if missing:
             raise OpError(f"loading GGUF files needs {' and '.join(missing)}: "
                           f"pip install 'weightflow[gguf]' (or pip install {' '.join(missing)})")
-        config = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, **extra)
+        config = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust,
+                                                         **extra)
         cls = _auto_class(params.task, config)
-        loaded = cls.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **extra)
+        loaded, info = cls.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                           trust_remote_code=trust, output_loading_info=True, **extra)
+        _record(ctx, check_loaded(loaded, info, None, f"GGUF file {gguf}", new_head=True, check_unexpected=False),
+                params.init_seed)
         # save_pretrained refuses GGUF-loaded models: rebuild from a clean config.
         config = loaded.config
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
-        model = cls.from_config(config)
+        model = cls.from_config(config, trust_remote_code=trust)
         model.load_state_dict(loaded.state_dict(), strict=False)
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust)
             tok.save_pretrained(tmp)
         except Exception as exc:  # a GGUF without a usable tokenizer is still a model
             ctx.warn(f"no tokenizer taken from {gguf.name}: {exc}")
         del loaded
     else:
-        cls = _auto_class(params.task, transformers.AutoConfig.from_pretrained(
-            src, trust_remote_code=params.trust_remote_code))
-        model = cls.from_pretrained(src, use_safetensors=True, trust_remote_code=params.trust_remote_code,
-                                    dtype=torch.float32, **extra)
+        what = "a sequence-classification model" if params.task == "sequence-classification" else \
+            "a causal LM" if params.task == "causal-lm" else "the model"
         try:
-            transformers.AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-        except Exception:
-            pass
+            cls = _auto_class(params.task, transformers.AutoConfig.from_pretrained(src, trust_remote_code=trust))
+            # ignore_mismatched_sizes: a wrongly shaped tensor is reported below, by name and file
+            model, info = cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust,
+                                              dtype=torch.float32, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **extra)
+        except Exception as exc:
+            raise _build_error(what, src, exc, params) from None
+        ckpt = Checkpoint(src, label=f"model directory {src}")
+        try:
+            _record(ctx, check_loaded(model, info, ckpt, ckpt.label, new_head=True, compare_values=True),
+                    params.init_seed)
+        finally:
+            ckpt.close()
+        try:
+            transformers.AutoTokenizer.from_pretrained(src, trust_remote_code=trust).save_pretrained(tmp)
+        except Exception as exc:
+            if any((src / f).is_file() for f in TOKENIZER_FILES):
+                why = ("it needs the directory's own Python code, which runs only with trust_remote_code: true"
+                       if "custom code" in str(exc) else _why(exc))
+                ctx.warn(f"the tokenizer of {src} is not taken along: {why}")
     model.save_pretrained(tmp, safe_serialization=True)
     return tmp
+
+
+def check_architecture(src: Path, params: LoadParams, ctx) -> None:
+    """A directory imported as it is must still fit the architecture its config names: build
+    that model on the meta device (no weights in memory) from the files and check that every
+    tensor of it comes from them, with its shape and kind of dtype.  Directories whose
+    architecture is not a transformers class (custom code, plain tensors) are not checked."""
+    import json
+
+    import torch
+    import transformers
+
+    from weightflow.ops._models import check_loaded
+    from weightflow.ops._tensors import Checkpoint
+
+    try:
+        archs = json.loads((src / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        return
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(src, device_map="meta", use_safetensors=True,
+                                          trust_remote_code=params.trust_remote_code, dtype=torch.float32,
+                                          output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as exc:  # transformers cannot build it at all: imported as before, said so
+        ctx.warn(f"the tensors of {src} were not checked against {archs[0]} ({_why(exc)})")
+        return
+    ckpt = Checkpoint(src, label=f"model directory {src}")
+    try:
+        check_loaded(model, info, ckpt, ckpt.label, new_head=False)
+    finally:
+        ckpt.close()
 
 
 def import_directory(src: Path, ctx, dtype: str) -> dict:
@@ -263,6 +393,8 @@ def import_directory(src: Path, ctx, dtype: str) -> dict:
 def run(inputs, params: LoadParams, ctx) -> dict:
     import tempfile
 
+    from weightflow.ops._tensors import Checkpoint
+
     dtype = params.dtype or ctx.dtype
     gguf = _gguf_path(params, ctx.pipeline_dir)
     src: Path | None = None
@@ -270,6 +402,8 @@ def run(inputs, params: LoadParams, ctx) -> dict:
     if params.config is not None:
         source_desc = {"config": params.config, "init_seed": params.init_seed}
     elif gguf is not None:
+        if params.gguf_file:
+            check_links(gguf.parent, params, [gguf])
         source_desc = {"gguf": gguf.name}
     elif params.source.startswith(HF_PREFIX):
         repo, sha = resolve_hf(params.source)
@@ -298,12 +432,16 @@ def run(inputs, params: LoadParams, ctx) -> dict:
         if not list(src.glob("*.safetensors")):
             raise OpError(_no_safetensors(src))
         source_desc = {"directory": src.name}
+    if src is not None:
+        check_links(src, params)
+        Checkpoint(src, label=f"model directory {src}").close()  # headers checked before anything else
 
     if params.config is not None or gguf is not None or _needs_instantiation(src, params.task):
         with tempfile.TemporaryDirectory(dir=ctx.out.parent) as tmp:
             built = _instantiate(params, ctx, src, gguf, Path(tmp))
             meta = import_directory(built, ctx, dtype)
     else:
+        check_architecture(src, params, ctx)
         meta = import_directory(src, ctx, dtype)
     ctx.info["source"] = source_desc  # manifest only: where it came from is not content
     return meta
@@ -317,5 +455,7 @@ OP = OpSpec(
     run=run,
     doc=__doc__,
     fingerprint=fingerprint,
-    key_exclude=("source",),
+    # follow_symlinks only allows or refuses reading: the files' digests (the fingerprint) are
+    # what the output depends on, and existing keys (lock files) stay as they were.
+    key_exclude=("source", "follow_symlinks"),
 )
