@@ -95,6 +95,9 @@ def language_schema() -> dict[str, Any]:
             "dtype": {"enum": list(DTYPES), "default": "float32",
                       "description": "default dtype of produced checkpoints"},
             "vars": {"type": "object", "description": "values interpolated as ${vars.NAME}"},
+            "verify": {"enum": ["changed", "always"], "default": "changed",
+                       "description": "re-hash cached entries and inputs only when their files changed "
+                       "(size, mtime, inode), or on every read"},
             "steps": {
                 "type": "object",
                 "minProperties": 1,
