@@ -1,6 +1,7 @@
-"""The weightflow language: parsing, the typed graph, keys, the store, the executor, the CLI.
+"""weightflow's torch-free half, in rooms that data walks through one way:
 
-Data walks one way: YAML (``yamlsource``) -> validated ``Pipeline`` (``pipeline``) ->
-typed DAG (``graph``) -> keys and plan (``keys``, ``executor``) -> ops -> ``store`` ->
-``lockfile`` and reports.  Nothing here imports torch.
+``lang`` (YAML -> validated pipeline -> typed graph) -> ``engine`` (keys, plan, run) ->
+ops -> ``store`` (objects, lock file, verify, gc, export) -> ``present`` (reports, views);
+``format`` is the bytes on disk that the engine, the store and the ops share.
+``cli`` is a thin argparse layer over them.  Nothing here imports torch.
 """

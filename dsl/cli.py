@@ -15,7 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-from .diagnostics import PipelineError, StepFailed, WeightflowError, did_you_mean
+from weightflow.dsl.lang.diagnostics import (
+    PipelineError,
+    StepFailed,
+    WeightflowError,
+    did_you_mean,
+)
 
 
 def _err(msg: str) -> None:
@@ -26,7 +31,7 @@ def _var_overrides(items: list[str] | None) -> dict:
     """``--var NAME=VALUE`` items as {NAME: value}; VALUE is YAML, read with the limits of
     pipeline files (an alias bomb is refused, not expanded); text that is not YAML stays
     a string.  Whether NAME is a variable of the pipeline is checked when it is loaded."""
-    from .yamlsource import load_value
+    from weightflow.dsl.lang.yamlsource import load_value
 
     out = {}
     for item in items or ():
@@ -38,7 +43,7 @@ def _var_overrides(items: list[str] | None) -> dict:
 
 
 def _load(path: str, args=None):
-    from .pipeline import load_pipeline
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     p = load_pipeline(path, _var_overrides(getattr(args, "var", None)))
     for w in p.warnings:
@@ -47,7 +52,7 @@ def _load(path: str, args=None):
 
 
 def _store(args):
-    from .store import Store
+    from weightflow.dsl.store.content import Store
 
     return Store(args.cache_dir) if getattr(args, "cache_dir", None) else Store()
 
@@ -84,7 +89,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .executor import plan
+    from weightflow.dsl.engine.planner import plan
 
     p = _load(args.pipeline, args)
     _check_steps(p, args.target, "--target")
@@ -102,7 +107,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .executor import Runner
+    from weightflow.dsl.engine.runner import Runner
 
     p = _load(args.pipeline, args)
     _check_steps(p, args.target, "--target")
@@ -117,7 +122,7 @@ def cmd_run(args) -> int:
     except OSError as exc:
         import errno
 
-        from .executor import disk_full_error
+        from weightflow.dsl.store.export import disk_full_error
 
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise disk_full_error(exc, fallback=store.root) from None
@@ -136,7 +141,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_dag(args) -> int:
-    from . import graph
+    from weightflow.dsl.lang import graph
 
     p = _load(args.pipeline, args)
     order = graph.topo_order(p)
@@ -165,8 +170,9 @@ def cmd_dag(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from . import lockfile
-    from .executor import plan
+    from weightflow.dsl.engine.planner import plan
+
+    from weightflow.dsl.store import lockfile
 
     p = _load(args.pipeline, args)
     lock = lockfile.read(p.lock_path)
@@ -197,7 +203,7 @@ def cmd_status(args) -> int:
 
 
 def _entry_for(p, store, step: str):
-    from .executor import plan
+    from weightflow.dsl.engine.planner import plan
 
     statuses = {s.name: s for s in plan(p, store, [step])}
     s = statuses[step]
@@ -208,7 +214,7 @@ def _entry_for(p, store, step: str):
 
 
 def _summary(entry) -> dict:
-    from .inspect import summarize
+    from weightflow.dsl.present.tensor_stats import summarize
 
     out = summarize(entry.path, entry.kind) if list(entry.path.glob("*.safetensors")) else {}
     try:
@@ -287,7 +293,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .executor import export_artifact, preflight_export
+    from weightflow.dsl.store.export import export_artifact, preflight_export
 
     p = _load(args.pipeline, args)
     _check_steps(p, [args.step], "step")
@@ -305,7 +311,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import render
+    from weightflow.dsl.present.report import render
 
     p = _load(args.pipeline, args)
     done = render(p, _store(args), Path(args.out) if args.out else None)
@@ -321,7 +327,7 @@ def cmd_report(args) -> int:
 def cmd_gc(args) -> int:
     import math
 
-    from .verify import lock_scope
+    from weightflow.dsl.store.verify import lock_scope
 
     days = args.older_than
     if not math.isfinite(days) or days < 0:
@@ -363,8 +369,8 @@ def cmd_gc(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .store import verify_always_env
-    from .verify import lock_scope, verify_store
+    from weightflow.dsl.store.content import verify_always_env
+    from weightflow.dsl.store.verify import lock_scope, verify_store
 
     store = _store(args)
     scope = lock_scope(args.pipelines) if args.pipelines else None
@@ -393,14 +399,19 @@ def cmd_verify(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from .schema import language_schema
+    from weightflow.dsl.lang.schema import language_schema
 
     print(json.dumps(language_schema(), indent=2))
     return 0
 
 
 def cmd_ops(args) -> int:
-    from .opdocs import ops_json, ops_markdown, ops_text, with_reference
+    from weightflow.dsl.lang.opdocs import (
+        ops_json,
+        ops_markdown,
+        ops_text,
+        with_reference,
+    )
 
     if args.write:
         target = Path(args.write)

@@ -25,8 +25,15 @@ from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from weightflow.dsl.oplib import DeltaRef, FiniteFloat, Kind, ModelRef, OpParams, OpSpec
-from weightflow.ops._params import Calibration
+from weightflow.dsl.lang.spec import (
+    DeltaRef,
+    FiniteFloat,
+    Kind,
+    ModelRef,
+    OpParams,
+    OpSpec,
+)
+from weightflow.ops.lib.params import Calibration
 
 
 class DareParams(OpParams):
@@ -104,7 +111,7 @@ def _auto_q(inputs, params: DareParams, ctx, delta, names) -> dict[str, float]:
     import torch
     import transformers
 
-    from weightflow.ops._calibration import linear_input_means, windows
+    from weightflow.ops.lib.calibration import linear_input_means, windows
 
     model_art = inputs["model"]
     transformers.utils.logging.set_verbosity_error()
@@ -134,8 +141,8 @@ def _auto_q(inputs, params: DareParams, ctx, delta, names) -> dict[str, float]:
 def run(inputs, params: DareParams, ctx) -> dict:
     import torch
 
-    from weightflow.ops._sparsify import TopK, count_for, random_keep
-    from weightflow.ops._tensors import Checkpoint, row_ranges, select
+    from weightflow.ops.lib.sparsify import TopK, count_for, random_keep
+    from weightflow.ops.lib.tensors import Checkpoint, row_ranges, select
 
     art = inputs["delta"]
     delta = Checkpoint(art.path, prefix="delta", label=f"delta '{art.step}'")

@@ -14,8 +14,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
 
-from weightflow.dsl.diagnostics import OpError
-from weightflow.dsl.oplib import ModelRef, Kind, OpParams, OpSpec
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.dsl.lang.spec import Kind, ModelRef, OpParams, OpSpec
 from weightflow.ops.metrics import METRICS, Metric, MetricParams
 
 REPORT_FORMAT = 1

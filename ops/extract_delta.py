@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import Kind, ModelRef, OpParams, OpSpec
+from weightflow.dsl.lang.spec import Kind, ModelRef, OpParams, OpSpec
 
 
 class ExtractDeltaParams(OpParams):
@@ -27,9 +27,14 @@ DELTA_PREFIX = "delta"
 def run(inputs, params: ExtractDeltaParams, ctx) -> dict:
     import torch
 
-    from weightflow.dsl.diagnostics import OpError
-    from weightflow.ops._tensors import (
-        Checkpoint, TensorInfo, check_same_tensors, row_ranges, select)
+    from weightflow.dsl.lang.diagnostics import OpError
+    from weightflow.ops.lib.tensors import (
+        Checkpoint,
+        TensorInfo,
+        check_same_tensors,
+        row_ranges,
+        select,
+    )
 
     model_art, base_art = inputs["model"], inputs["base"]
     model = Checkpoint(model_art.path, label=f"model '{model_art.step}'")

@@ -34,8 +34,14 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from weightflow.dsl.oplib import DataPath, Kind, ModelRef, OpSpec
-from weightflow.ops._train_params import AliasedParams, TrainParams, aliased, check_data, check_data_path
+from weightflow.dsl.lang.spec import DataPath, Kind, ModelRef, OpSpec
+from weightflow.ops.lib.train_params import (
+    AliasedParams,
+    TrainParams,
+    aliased,
+    check_data,
+    check_data_path,
+)
 
 
 class _Inputs(AliasedParams):
@@ -69,7 +75,7 @@ def preflight(params: FinetuneParams, env) -> None:
 
 
 def run(inputs, params: FinetuneParams, ctx) -> dict:
-    from weightflow.ops import _train as T
+    from weightflow.ops.lib import training as T
 
     art = inputs["model"]
     task = T.resolve_task(params.task, art.path)

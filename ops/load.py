@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from weightflow.dsl.diagnostics import OpError
-from weightflow.dsl.oplib import Dtype, Kind, OpParams, OpSpec
-from weightflow.ops._layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.dsl.lang.spec import Dtype, Kind, OpParams, OpSpec
+from weightflow.ops.lib.layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
 
 HF_PREFIX = "hf:"
 _HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+|[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -244,8 +244,8 @@ def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, t
     import torch
     import transformers
 
-    from weightflow.ops._models import check_loaded
-    from weightflow.ops._tensors import Checkpoint
+    from weightflow.ops.lib.models import check_loaded
+    from weightflow.ops.lib.tensors import Checkpoint
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # "newly initialized head" is expected here
@@ -332,8 +332,8 @@ def check_architecture(src: Path, params: LoadParams, ctx) -> None:
     import torch
     import transformers
 
-    from weightflow.ops._models import check_loaded
-    from weightflow.ops._tensors import Checkpoint
+    from weightflow.ops.lib.models import check_loaded
+    from weightflow.ops.lib.tensors import Checkpoint
 
     try:
         archs = json.loads((src / "config.json").read_text()).get("architectures") or []
@@ -362,9 +362,16 @@ def import_directory(src: Path, ctx, dtype: str) -> dict:
     """Stream a model directory's tensors into ``ctx.out``, cast to ``dtype``."""
     import json
 
-    from weightflow.ops._tensors import (
-        FLOAT_ST, TORCH_DTYPES, Checkpoint, TensorInfo, copy_side_files, row_ranges, st_dtype_of,
-        tensor_buffer)
+    from weightflow.ops.lib.tensors import (
+        FLOAT_ST,
+        TORCH_DTYPES,
+        Checkpoint,
+        TensorInfo,
+        copy_side_files,
+        row_ranges,
+        st_dtype_of,
+        tensor_buffer,
+    )
 
     ckpt = Checkpoint(src, label=f"model directory {src}")
     target = st_dtype_of(dtype)
@@ -393,7 +400,7 @@ def import_directory(src: Path, ctx, dtype: str) -> dict:
 def run(inputs, params: LoadParams, ctx) -> dict:
     import tempfile
 
-    from weightflow.ops._tensors import Checkpoint
+    from weightflow.ops.lib.tensors import Checkpoint
 
     dtype = params.dtype or ctx.dtype
     gguf = _gguf_path(params, ctx.pipeline_dir)

@@ -21,7 +21,7 @@ with ``density: 1``.
 
 from __future__ import annotations
 
-from weightflow.dsl.oplib import Kind, OpSpec
+from weightflow.dsl.lang.spec import Kind, OpSpec
 from weightflow.ops.merge_methods import methods, params_union
 
 

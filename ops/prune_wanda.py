@@ -30,9 +30,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from weightflow.dsl.diagnostics import OpError
-from weightflow.dsl.oplib import Dtype, Kind, ModelRef, OpParams, OpSpec
-from weightflow.ops._params import Calibration
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.dsl.lang.spec import Dtype, Kind, ModelRef, OpParams, OpSpec
+from weightflow.ops.lib.params import Calibration
 
 _NM = re.compile(r"^([1-9][0-9]*):([1-9][0-9]*)$")
 
@@ -103,34 +103,34 @@ def run(inputs, params: PruneParams, ctx) -> dict:
 
     import torch
 
-    from weightflow.ops import _models, _wanda
-    from weightflow.ops._calibration import windows
+    from weightflow.ops.lib import models, wanda
+    from weightflow.ops.lib.calibration import windows
 
     art = inputs["model"]
     if params.device == "cuda" and not torch.cuda.is_available():
         raise OpError("device: cuda, but no CUDA device is available")
-    model = _models.load_model(art.path, params.device)
+    model = models.load_model(art.path, params.device)
     samples = None
     started = time.perf_counter()
     if params.method == "wanda":
         cal = params.calibration
-        samples = windows(cal, ctx.data_path(cal.data), art.path, _models.max_positions(model))
+        samples = windows(cal, ctx.data_path(cal.data), art.path, models.max_positions(model))
         if not samples:
             raise OpError(f"calibration data {cal.data} gave no samples")
         vocab = model.get_input_embeddings().num_embeddings
         top = max(int(s.max()) for s in samples)
         if top >= vocab:
             raise OpError(f"calibration token id {top} is outside the model's vocabulary ({vocab})")
-    _, mods = _models.blocks(model)
+    _, mods = models.blocks(model)
     with ctx.progress(len(mods), "calibrate and prune" if samples else "prune", unit="block") as bar:
-        result = _wanda.prune(
+        result = wanda.prune(
             model, method=params.method, sparsity=params.effective_sparsity, nm=params.nm,
             group=params.effective_group, include=params.include, exclude=params.exclude,
-            samples=samples, batch_size=params.batch_size, pad=_models.pad_id(model),
+            samples=samples, batch_size=params.batch_size, pad=models.pad_id(model),
             device=params.device, progress=bar)
     ctx.info["prune_seconds"] = round(time.perf_counter() - started, 3)
     ctx.info["device"] = params.device
-    meta = _models.save_model(model.cpu(), art.path, ctx, params.dtype or ctx.dtype)
+    meta = models.save_model(model.cpu(), art.path, ctx, params.dtype or ctx.dtype)
 
     per_block: dict[str, dict] = {}
     layer_of = re.compile(rf"^{re.escape(result.blocks)}\.(\d+)\.")
@@ -164,7 +164,7 @@ def preflight(params: PruneParams, env) -> None:
         return
     path = env.data_path(cal.data)
     if path.suffix == ".jsonl":
-        from weightflow.ops._data import read_records
+        from weightflow.ops.lib.data import read_records
 
         rows = read_records(path, limit=1)
         if "input_ids" not in rows[0] and cal.text_field not in rows[0]:

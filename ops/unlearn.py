@@ -13,12 +13,23 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import Field, create_model, field_validator, model_serializer, model_validator
+from pydantic import (
+    Field,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from weightflow.dsl.diagnostics import did_you_mean
-from weightflow.dsl.oplib import DataPath, FiniteFloat, Kind, ModelRef, OpSpec
+from weightflow.dsl.lang.diagnostics import did_you_mean
+from weightflow.dsl.lang.spec import DataPath, FiniteFloat, Kind, ModelRef, OpSpec
 from weightflow.ops import unlearn_methods as um
-from weightflow.ops._train_params import AliasedParams, TrainParams, check_data, check_data_path
+from weightflow.ops.lib.train_params import (
+    AliasedParams,
+    TrainParams,
+    check_data,
+    check_data_path,
+)
 
 _TRAILER = """
 Training keys, data mapping and LoRA are those of ``finetune`` (``learning_rate``
@@ -154,7 +165,7 @@ def run(inputs, params, ctx) -> dict:
 
     import torch
 
-    from weightflow.ops import _train as T
+    from weightflow.ops.lib import training as T
 
     art = inputs["model"]
     task = T.resolve_task(params.task, art.path)

@@ -72,9 +72,9 @@ def write_pipeline(directory: Path, text: str, name: str = "pipeline.yaml") -> P
 
 def run(path: Path, store_dir: Path, **kwargs):
     """Run a pipeline file in-process; returns (outcome, {step: status})."""
-    from weightflow.dsl.executor import Runner
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.engine.runner import Runner
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
 
     logs: list[str] = []
     outcome = Runner(load_pipeline(path), Store(store_dir), log=logs.append, **kwargs).run()
@@ -84,7 +84,7 @@ def run(path: Path, store_dir: Path, **kwargs):
 
 def read_model(directory: Path) -> dict:
     """Every tensor of an artifact directory, dense (sparse deltas are decoded)."""
-    from weightflow.ops._tensors import Checkpoint
+    from weightflow.ops.lib.tensors import Checkpoint
 
     ck = Checkpoint(directory)
     out = {n: ck.get(n).clone() for n in ck.names()}

@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from conftest import lock_of, read_model, run, write_pipeline
+from conftest import lock_of, run, write_pipeline
 
 PIPE = """
 weightflow: 1
@@ -119,7 +118,7 @@ def test_targets_run_only_what_they_need(tmp_path, tiny_models, store_dir):
 
 
 def test_frozen_detects_a_changed_pipeline_without_running(tmp_path, tiny_models, store_dir):
-    from weightflow.dsl.executor import FrozenMismatch
+    from weightflow.dsl.engine.runner import FrozenMismatch
 
     path = pipeline(tmp_path, tiny_models)
     run(path, store_dir)
@@ -155,16 +154,16 @@ def test_corrupted_entry_is_detected_discarded_and_recomputed(tmp_path, tiny_mod
     assert status["merged"] == "executed"
     assert any("corrupted" in m for m in outcome.logs)
     assert lock_of(path)["merged"]["digest"] == digest  # recomputed to the same content
-    from weightflow.dsl.checkpoint import digest_directory
+    from weightflow.dsl.format.checkpoint import digest_directory
 
     assert digest_directory(obj) == digest
 
 
 def test_source_files_are_hashed_once_then_memoised(tmp_path, tiny_models, store_dir, monkeypatch):
-    from weightflow.dsl import store as store_mod
-    from weightflow.dsl.executor import plan
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.store import content as store_mod
+    from weightflow.dsl.engine.planner import plan
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
 
     calls = []
     real = store_mod.hash_file
@@ -184,10 +183,10 @@ def test_source_files_are_hashed_once_then_memoised(tmp_path, tiny_models, store
 
 
 def test_failure_publishes_nothing_half_written(tmp_path, store_dir):
-    from weightflow.dsl import registry
-    from weightflow.dsl.diagnostics import StepFailed
-    from weightflow.dsl.oplib import Kind, OpParams, OpSpec
-    from weightflow.dsl.checkpoint import TensorInfo
+    from weightflow.dsl.lang import registry
+    from weightflow.dsl.format.checkpoint import TensorInfo
+    from weightflow.dsl.lang.diagnostics import StepFailed
+    from weightflow.dsl.lang.spec import Kind, OpParams, OpSpec
 
     def boom(inputs, params, ctx):
         w = ctx.tensor_writer([TensorInfo("a", "F32", (4,)), TensorInfo("b", "F32", (4,))])

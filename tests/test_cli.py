@@ -8,8 +8,7 @@ import sys
 import textwrap
 
 import pytest
-
-from conftest import run, write_pipeline
+from conftest import write_pipeline
 
 PIPE = """
 weightflow: 1
@@ -147,7 +146,7 @@ def test_readme_op_reference_is_current_and_write_refreshes_it(tmp_path):
     """The README's op reference is generated; editing an op without regenerating fails here."""
     from pathlib import Path
 
-    from weightflow.dsl.opdocs import README_BEGIN, README_END, ops_markdown
+    from weightflow.dsl.lang.opdocs import README_BEGIN, README_END, ops_markdown
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
@@ -173,14 +172,14 @@ def test_ops_from_another_package_via_entry_points(tmp_path, store_dir, monkeypa
     pkg = tmp_path / "plugin"
     (pkg / "wf_plugin").mkdir(parents=True)
     (pkg / "wf_plugin" / "__init__.py").write_text(textwrap.dedent('''
-        from weightflow.dsl.oplib import Kind, ModelRef, OpParams, OpSpec
+        from weightflow.dsl.lang.spec import Kind, ModelRef, OpParams, OpSpec
 
         class ScaleParams(OpParams):
             model: ModelRef
             factor: float = 2.0
 
         def run(inputs, params, ctx):
-            from weightflow.ops._tensors import Checkpoint, copy_side_files, tensor_buffer
+            from weightflow.ops.lib.tensors import Checkpoint, copy_side_files, tensor_buffer
             src = Checkpoint(inputs["model"].path)
             w = ctx.tensor_writer(list(src.info.values()))
             for n in src.names():

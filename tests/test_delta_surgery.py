@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import read_model, run, write_pipeline
+from safetensors.torch import save_file
 
 
 def model_dir(path, tensors: dict) -> str:
@@ -88,8 +87,8 @@ def test_dare_magnitude_l1_and_darex_q(tmp_path, store_dir, big_delta):
 
 
 def test_drop_rate_one_is_an_error_that_says_why(tmp_path, big_delta):
-    from weightflow.dsl.diagnostics import PipelineError
-    from weightflow.dsl.pipeline import load_pipeline
+    from weightflow.dsl.lang.diagnostics import PipelineError
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     b, f, _, _ = big_delta
     path = write_pipeline(tmp_path, DARE.format(b=b, f=f, extra="").replace("drop_rate: 0.9", "drop_rate: 1.0"))
@@ -100,17 +99,17 @@ def test_drop_rate_one_is_an_error_that_says_why(tmp_path, big_delta):
 
 
 def test_sparse_storage_is_small_and_reads_back_exactly(tmp_path, store_dir, big_delta, monkeypatch):
-    from weightflow.ops import _tensors
+    from weightflow.ops.lib import tensors
 
     _, p, outcome = dare(tmp_path, store_dir, big_delta)
     pruned = obj(store_dir, digests(outcome)["p"])
     dense = obj(store_dir, digests(outcome)["d"])
     size = (pruned / "delta.safetensors").stat().st_size
     assert size <= 0.20 * (dense / "delta.safetensors").stat().st_size
-    ck = _tensors.Checkpoint(pruned, prefix="delta")
+    ck = tensors.Checkpoint(pruned, prefix="delta")
     assert ck.is_sparse("w") and ck.info["w"].shape == (1000, 1000)
-    monkeypatch.setattr(_tensors, "CHUNK_ELEMENTS", 3001)  # chunks that cut rows mid-byte
-    rows = torch.cat([ck.get("w", lo, hi) for lo, hi in _tensors.row_ranges((1000, 1000))])
+    monkeypatch.setattr(tensors, "CHUNK_ELEMENTS", 3001)  # chunks that cut rows mid-byte
+    rows = torch.cat([ck.get("w", lo, hi) for lo, hi in tensors.row_ranges((1000, 1000))])
     assert torch.equal(rows, p["w"])
     assert torch.equal(ck.get("w", 500, 503), p["w"][500:503])  # random access too
 
@@ -253,7 +252,7 @@ outputs: {{s: out/s}}
 
 
 def test_per_tensor_rules_and_vocab_handling(tmp_path, store_dir):
-    from weightflow.dsl.diagnostics import StepFailed
+    from weightflow.dsl.lang.diagnostics import StepFailed
 
     base = {"embed": torch.zeros(4, 2), "mlp": torch.zeros(2, 2)}
     ft = {"embed": torch.ones(6, 2), "mlp": torch.ones(2, 2)}
@@ -310,7 +309,7 @@ steps:
 
 
 def test_della_keep_probabilities_and_rescale(tmp_path, store_dir):
-    from weightflow.ops._sparsify import della_keep_prob
+    from weightflow.ops.lib.sparsify import della_keep_prob
 
     row = torch.tensor([[0.1, -4.0, 2.0, 0.5, -1.0]])
     prob = della_keep_prob(row, 0.5, 0.2)

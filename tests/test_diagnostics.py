@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from weightflow.dsl import registry
-from weightflow.dsl.diagnostics import Diagnostic, PipelineError
-from weightflow.dsl.pipeline import Pipeline, _tags, load_pipeline, parse_text
+from weightflow.dsl.lang import registry
+from weightflow.dsl.lang.diagnostics import Diagnostic, PipelineError
+from weightflow.dsl.lang.pipeline import Pipeline, _tags, load_pipeline, parse_text
 
 LLAMA = ("{model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
          "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 256}")
@@ -611,7 +611,7 @@ def union_op():
 
     from pydantic import BaseModel, ConfigDict
 
-    from weightflow.dsl.oplib import FiniteFloat, Kind, OpParams, OpSpec
+    from weightflow.dsl.lang.spec import FiniteFloat, Kind, OpParams, OpSpec
 
     class Rule(BaseModel):
         model_config = ConfigDict(extra="forbid")

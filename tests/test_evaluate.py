@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_LLAMA, read_model, run, save_tiny_llama, write_pipeline
 
 TEXT = """Weightflow describes how checkpoints are made from other checkpoints.
@@ -231,7 +230,7 @@ steps:
 
 
 def test_lm_eval_metric_without_lm_eval_is_a_clear_error(tmp_path, store_dir, lm, monkeypatch):
-    from weightflow.dsl.diagnostics import StepFailed
+    from weightflow.dsl.lang.diagnostics import StepFailed
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
     path = write_pipeline(tmp_path, f"""
@@ -411,8 +410,8 @@ steps:
 # -- the language: params, wiring, errors ---------------------------------------------------------
 
 def test_metric_errors_point_at_the_yaml(tmp_path, lm):
-    from weightflow.dsl.diagnostics import PipelineError
-    from weightflow.dsl.pipeline import load_pipeline
+    from weightflow.dsl.lang.diagnostics import PipelineError
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     (tmp_path / "held.txt").write_text(TEXT)
 
@@ -492,7 +491,7 @@ steps:
     code, md = report()
     assert code == 0
     assert md == (out_dir / "pipeline.report.md").read_text()
-    from weightflow.dsl.report import fmt
+    from weightflow.dsl.present.report import fmt
 
     for i, name in enumerate(["dense", "magnitude"]):
         ppl = values(rep, i, "perplexity")
@@ -569,7 +568,6 @@ def test_mutated_evaluate_and_prune_steps_never_crash():
     import yaml
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
-
     from test_fuzz_pipelines import JSONISH, _paths, _set, check
 
     seed = yaml.safe_load("""

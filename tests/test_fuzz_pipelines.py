@@ -12,8 +12,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from weightflow.dsl.diagnostics import PipelineError
-from weightflow.dsl.pipeline import Pipeline, parse_text
+from weightflow.dsl.lang.diagnostics import PipelineError
+from weightflow.dsl.lang.pipeline import Pipeline, parse_text
 
 VALID = """\
 weightflow: 1

@@ -21,9 +21,9 @@ from pipeline import PIPELINE, build_inputs  # noqa: E402
 
 
 def run_golden(root: Path) -> dict[str, str]:
-    from weightflow.dsl.executor import Runner
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.engine.runner import Runner
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
 
     build_inputs(root)
     (root / "golden.yaml").write_text(PIPELINE)

@@ -365,7 +365,7 @@ def test_disk_full_during_export_leaves_no_temp_and_the_target_untouched(project
 
 
 def test_disk_full_while_publishing_a_step_is_a_clear_error(tmp_path, store_dir, cli, monkeypatch):
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.store.content import Store
 
     def publish(self, key, staged, digest, manifest):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.root / "objects" / digest[:2]))

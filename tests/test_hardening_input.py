@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from weightflow.dsl.diagnostics import OpError, PipelineError
-from weightflow.dsl.pipeline import load_pipeline, parse_text
-from weightflow.ops._data import MAX_JSON_DEPTH, read_records
+
+from weightflow.dsl.lang.diagnostics import OpError, PipelineError
+from weightflow.dsl.lang.pipeline import load_pipeline, parse_text
+from weightflow.ops.lib.data import MAX_JSON_DEPTH, read_records
 
 LLAMA = ("{model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
          "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 256}")
@@ -190,7 +191,7 @@ def test_pipeline_file_over_the_size_limit_is_refused_before_parsing(tmp_path):
 
 
 def test_many_nodes_without_aliases_does_not_blame_aliases(tmp_path, monkeypatch):
-    from weightflow.dsl import yamlsource
+    from weightflow.dsl.lang import yamlsource
 
     monkeypatch.setattr(yamlsource, "MAX_NODES", 2000)  # the real 200,000 takes pure-Python seconds
     keys = "\n".join(f"  k{i}: {i}" for i in range(3000))

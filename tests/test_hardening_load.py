@@ -126,13 +126,13 @@ def test_helpers_on_stored_models_never_run_custom_code(tmp_path, tiny):
     script = f"""
 import json, types
 from pathlib import Path
-from weightflow.dsl.diagnostics import OpError
-from weightflow.ops import _models, _train
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.ops.lib import models, training
 d = Path({str(src)!r})
 out = {{}}
-for name, call in [("load_tokenizer", lambda: _models.load_tokenizer(d)),
-                   ("load_model", lambda: _models.load_model(d)),
-                   ("train_load_model", lambda: _train.load_model(d, "causal-lm", types.SimpleNamespace(warn=print)))]:
+for name, call in [("load_tokenizer", lambda: models.load_tokenizer(d)),
+                   ("load_model", lambda: models.load_model(d)),
+                   ("train_load_model", lambda: training.load_model(d, "causal-lm", types.SimpleNamespace(warn=print)))]:
     try:
         out[name] = repr(call())
     except OpError as exc:
@@ -260,9 +260,9 @@ LOAD_KEYS = {  # computed with the code before this change: load keys must not m
 
 def test_load_keys_are_unchanged(tmp_path):
     """follow_symlinks (default false) does not enter the key: existing lock files stay valid."""
-    from weightflow.dsl.executor import plan
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.engine.planner import plan
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
 
     d = tmp_path / "src"
     d.mkdir()
@@ -310,9 +310,9 @@ BROKEN = {
 
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_broken_safetensors_is_a_clear_error(tmp_path, case):
-    from weightflow.dsl.checkpoint import digest_safetensors, read_header
-    from weightflow.dsl.diagnostics import OpError
-    from weightflow.ops._tensors import Checkpoint
+    from weightflow.dsl.format.checkpoint import digest_safetensors, read_header
+    from weightflow.dsl.lang.diagnostics import OpError
+    from weightflow.ops.lib.tensors import Checkpoint
 
     header, data, n, needles = BROKEN[case]
     f = tmp_path / "m" / "model.safetensors"
@@ -379,8 +379,8 @@ SPARSE_BROKEN = {
 
 @pytest.mark.parametrize("case", list(SPARSE_BROKEN))
 def test_bogus_sparse_metadata_is_a_clear_error(tmp_path, case):
-    from weightflow.dsl.diagnostics import OpError
-    from weightflow.ops._tensors import Checkpoint
+    from weightflow.dsl.lang.diagnostics import OpError
+    from weightflow.ops.lib.tensors import Checkpoint
 
     good = sparse_file(tmp_path / "ok" / "delta.safetensors", {"dtype": "F32", "shape": [2, 4]},
                        bytes([0b00000101]), [1], f32(1.5, -2), [2])  # the hand-made format itself is right

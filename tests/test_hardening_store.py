@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated
 
 import pytest
-
 from conftest import lock_of, run, write_pipeline
 
 DAY = 86400.0
@@ -27,7 +26,7 @@ DAY = 86400.0
 # -- a torch-free op ---------------------------------------------------------------
 
 def _note_op():
-    from weightflow.dsl.oplib import Kind, OpParams, OpSpec, StepRef
+    from weightflow.dsl.lang.spec import Kind, OpParams, OpSpec, StepRef
 
     class NoteParams(OpParams):
         text: str
@@ -50,7 +49,7 @@ def _note_op():
 
 @pytest.fixture(autouse=True)
 def note_op():
-    from weightflow.dsl import registry
+    from weightflow.dsl.lang import registry
 
     registry.register(_note_op())
     yield
@@ -108,7 +107,7 @@ def _python(code: str, **kw) -> subprocess.Popen:
 
 HOLD = """
     import os, signal, sys
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.store.content import Store
     with Store(sys.argv[1] if len(sys.argv) > 1 else {root!r}).staging() as tmp:
         (tmp / "model.safetensors").write_bytes(b"half" * 1000)
         print(tmp, flush=True)
@@ -209,7 +208,7 @@ def test_gc_lock_files_protect_their_entries_however_old(tmp_path, store_dir, ca
     two = write_pipeline(tmp_path, "weightflow: 1\nsteps:\n  z: {op: note, text: zeta}\n", "two.yaml")
     run(one, store_dir)
     run(two, store_dir)
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.store.content import Store
 
     for _, p in Store(store_dir).actions():
         _age(p, 100)
@@ -220,9 +219,9 @@ def test_gc_lock_files_protect_their_entries_however_old(tmp_path, store_dir, ca
 
 
 def test_a_lookup_hit_records_last_use(tmp_path, store_dir, capsys):
-    from weightflow.dsl.executor import plan
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.engine.planner import plan
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
 
     path = write_pipeline(tmp_path, NOTES)
     run(path, store_dir)
@@ -258,7 +257,7 @@ def test_gc_rejects_bad_arguments_without_a_traceback(tmp_path, store_dir, capsy
 # -- 8: a corrupt memo is a cache miss, not a dead store ----------------------------
 
 def _populated_store(tmp_path, store_dir) -> tuple[Path, list[Path]]:
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.store.content import Store
 
     path = write_pipeline(tmp_path, NOTES)
     run(path, store_dir)
@@ -293,8 +292,8 @@ SURE = [0, 16, 18, 28, 100, 4096]
 
 @pytest.mark.parametrize("where", SURE + ["end"])
 def test_byte_flips_in_the_memo_never_brick_a_command(tmp_path, store_dir, capfd, where):
-    from weightflow.dsl.checkpoint import hash_file
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.format.checkpoint import hash_file
+    from weightflow.dsl.store.content import Store
 
     path, files = _populated_store(tmp_path, store_dir)
     memo = store_dir / "memo.sqlite"
@@ -364,8 +363,8 @@ def test_an_action_copied_from_another_key_is_discarded(tmp_path, store_dir):
 
 
 def test_provenance_records_leave_digests_and_objects_untouched(tmp_path, store_dir):
-    from weightflow.dsl.checkpoint import digest_directory
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.format.checkpoint import digest_directory
+    from weightflow.dsl.store.content import Store
 
     path = write_pipeline(tmp_path, "weightflow: 1\nsteps:\n  x1: {op: note, text: same, salt: 1}\n"
                           "  x2: {op: note, text: same, salt: 2}\n")
@@ -488,7 +487,7 @@ def test_export_rehashes_with_verify_always(tmp_path, store_dir, monkeypatch, ca
 
 
 def test_verify_always_rehashes_an_op_input_right_before_it_is_read(tmp_path, store_dir):
-    from weightflow.dsl.diagnostics import StepFailed
+    from weightflow.dsl.lang.diagnostics import StepFailed
 
     # 'x' corrupts a's object in place after a was looked up; c then reads a
     text = ("weightflow: 1\nsteps:\n  a: {op: note, text: alpha}\n"
@@ -505,8 +504,8 @@ def test_verify_always_rehashes_an_op_input_right_before_it_is_read(tmp_path, st
 
 
 def test_verify_key_of_the_pipeline_is_checked(tmp_path):
-    from weightflow.dsl.diagnostics import PipelineError
-    from weightflow.dsl.pipeline import load_pipeline
+    from weightflow.dsl.lang.diagnostics import PipelineError
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     assert load_pipeline(write_pipeline(tmp_path, "verify: always\n" + NOTES)).verify == "always"
     assert load_pipeline(write_pipeline(tmp_path, NOTES)).verify == "changed"

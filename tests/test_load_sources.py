@@ -67,8 +67,8 @@ steps:
 def test_load_params_are_checked(tmp_path):
     import pytest
 
-    from weightflow.dsl.diagnostics import PipelineError
-    from weightflow.dsl.pipeline import load_pipeline
+    from weightflow.dsl.lang.diagnostics import PipelineError
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     path = write_pipeline(tmp_path, """
 weightflow: 1

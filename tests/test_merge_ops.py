@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import config_of, read_model, run, write_pipeline
 
 PIPE = """
@@ -131,9 +130,9 @@ def test_include_exclude_and_dtype(tmp_path, tiny_models, store_dir):
 
 def test_mismatched_architectures_name_the_first_differing_tensor(tmp_path, tiny_models, store_dir):
     import pytest
+    from conftest import TINY_LLAMA, save_tiny_llama
 
-    from conftest import save_tiny_llama, TINY_LLAMA
-    from weightflow.dsl.diagnostics import StepFailed
+    from weightflow.dsl.lang.diagnostics import StepFailed
 
     wide = save_tiny_llama(tmp_path / "wide", config={**TINY_LLAMA, "intermediate_size": 96})
     text = f"""
@@ -150,9 +149,9 @@ def test_mismatched_architectures_name_the_first_differing_tensor(tmp_path, tiny
     assert "pipeline.yaml:5:3: step 'd'" in msg, msg
     assert "'model.layers.0.mlp.down_proj.weight'" in msg and "[64, 96]" in msg and "[64, 128]" in msg, msg
     # the loads before the failure stay cached
-    from weightflow.dsl.executor import plan
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.engine.planner import plan
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
 
     statuses = {s.name: s.status for s in plan(load_pipeline(path), Store(store_dir))}
     assert statuses == {"base": "cached", "wide": "cached", "d": "pending"}
@@ -177,7 +176,7 @@ def test_load_from_config_is_deterministic_and_classifier_head(tmp_path, store_d
 def test_pickle_only_directory_is_refused(tmp_path, store_dir):
     import pytest
 
-    from weightflow.dsl.diagnostics import PipelineError
+    from weightflow.dsl.lang.diagnostics import PipelineError
 
     d = tmp_path / "pickled"
     d.mkdir()
@@ -192,12 +191,12 @@ def test_pickle_only_directory_is_refused(tmp_path, store_dir):
 
 def test_row_chunked_streaming_gives_identical_bytes(tmp_path, tiny_models, store_dir, monkeypatch):
     """Big tensors are processed in row chunks; the result must not depend on the chunking."""
-    from weightflow.ops import _tensors
+    from weightflow.ops.lib import tensors
 
     path = make(tmp_path, tiny_models)
     whole, _ = run(path, store_dir)
-    monkeypatch.setattr(_tensors, "CHUNK_ELEMENTS", 100)  # every matrix now spans many chunks
-    assert len(list(_tensors.row_ranges((256, 64)))) == 256 and len(list(_tensors.row_ranges((64,)))) == 1
+    monkeypatch.setattr(tensors, "CHUNK_ELEMENTS", 100)  # every matrix now spans many chunks
+    assert len(list(tensors.row_ranges((256, 64)))) == 256 and len(list(tensors.row_ranges((64,)))) == 1
     chunked, status = run(path, tmp_path / "cache-chunked")
     assert set(status.values()) == {"executed"}
     assert {s.name: s.digest for s in chunked.steps} == {s.name: s.digest for s in whole.steps}

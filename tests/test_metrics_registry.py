@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run, save_tiny_llama, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +205,7 @@ def test_mia_loss_is_declared_in_its_own_file_only():
 
 
 def test_every_metric_keeps_its_files_and_refs_out_of_the_report():
-    from weightflow.dsl.oplib import DataFile, StepRef
+    from weightflow.dsl.lang.spec import DataFile, StepRef
     from weightflow.ops.metrics import METRICS, PathParam, _markers
 
     for name, metric in METRICS.items():
@@ -224,10 +223,10 @@ def test_schema_ops_and_validation_include_mia_loss(tmp_path):
     import jsonschema
     import yaml
 
-    from weightflow.dsl import opdocs
-    from weightflow.dsl.diagnostics import PipelineError
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.schema import language_schema
+    from weightflow.dsl.lang import opdocs
+    from weightflow.dsl.lang.diagnostics import PipelineError
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.lang.schema import language_schema
     from weightflow.ops.metrics import METRICS
 
     text = opdocs.ops_text()

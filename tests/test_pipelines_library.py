@@ -35,7 +35,7 @@ def test_pipeline_validates(path, tmp_path):
     """Validated as a user would after preparing its inputs: the file is copied into an empty
     folder where every data file it names (literally or through vars) exists as a placeholder
     (data files are built at setup time or are the user's own; models are not opened here)."""
-    from weightflow.dsl.pipeline import load_pipeline
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     text = path.read_text()
     raw = yaml.safe_load(text)
@@ -59,7 +59,7 @@ def test_pipeline_matches_json_schema(path):
 
 
 def test_committed_schema_is_current():
-    from weightflow.dsl.schema import language_schema
+    from weightflow.dsl.lang.schema import language_schema
 
     committed = json.loads((ROOT / "pipelines" / "weightflow.schema.json").read_text())
     assert committed == json.loads(json.dumps(language_schema())), \

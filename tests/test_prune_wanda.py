@@ -1,6 +1,6 @@
 """prune-wanda: masks equal an independent whole-model reference; N:M; magnitude by hand.
 
-The reference here is written plainly and separately from ops/_wanda.py: for each
+The reference here is written plainly and separately from ops/wanda.py: for each
 transformer block in turn it runs the *whole model* on every calibration batch with
 forward hooks on that block's linears, accumulates Σx² per input feature (padding left
 out), scores |W|·‖X‖₂, sorts each row in Python by (score, position), zeroes the
@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import read_model, run, save_tiny_llama, write_pipeline
 
 TINY_GPT2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256,
@@ -261,8 +260,8 @@ outputs: {{layer: out/layer, row: out/row, nm: out/nm}}
 
 
 def test_params_are_checked_before_running(tmp_path, tiny_dirs):
-    from weightflow.dsl.diagnostics import PipelineError
-    from weightflow.dsl.pipeline import load_pipeline
+    from weightflow.dsl.lang.diagnostics import PipelineError
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     calib = calib_file(tmp_path / "c.jsonl")
     bad = {
@@ -292,7 +291,7 @@ steps:
 def test_include_matching_nothing_is_a_clear_error(tmp_path, store_dir, tiny_dirs):
     calib = calib_file(tmp_path / "c.jsonl")
     path = prune_pipeline(tmp_path, tiny_dirs["llama"], calib, 'sparsity: 0.5\n    include: ["lm_head"]')
-    from weightflow.dsl.diagnostics import StepFailed
+    from weightflow.dsl.lang.diagnostics import StepFailed
 
     with pytest.raises(StepFailed, match="matches no linear layer inside the transformer blocks"):
         run(path, store_dir)
@@ -300,14 +299,14 @@ def test_include_matching_nothing_is_a_clear_error(tmp_path, store_dir, tiny_dir
 
 def test_batching_does_not_change_the_statistics(tiny_dirs):
     """Padding-aware: padded batches give the same input norms as one sample at a time."""
-    from weightflow.ops import _models, _wanda
+    from weightflow.ops.lib import models, wanda
 
     g = torch.Generator().manual_seed(5)
     samples = [torch.randint(3, 256, (n,), generator=g) for n in (30, 17, 25, 9, 32, 12)]
     stats = []
     for bs in (1, 4, 6):
-        model = _models.load_model(tiny_dirs["llama"])
-        res = _wanda.prune(model, method="wanda", sparsity=0.5, nm=None, group="row", include=None,
+        model = models.load_model(tiny_dirs["llama"])
+        res = wanda.prune(model, method="wanda", sparsity=0.5, nm=None, group="row", include=None,
                            exclude=[], samples=samples, batch_size=bs, pad=0)
         stats.append(res.sumsq)
     assert len(stats[0]) == 14
@@ -317,7 +316,7 @@ def test_batching_does_not_change_the_statistics(tiny_dirs):
 
 
 def test_lowest_k_breaks_ties_by_position():
-    from weightflow.ops._wanda import lowest
+    from weightflow.ops.lib.wanda import lowest
 
     g = torch.Generator().manual_seed(0)
     score = torch.randint(0, 4, (50, 16), generator=g).double()  # many ties

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-
 from conftest import config_of, read_model, run, write_pipeline
 
 pytestmark = pytest.mark.slow

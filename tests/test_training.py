@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_LLAMA, config_of, read_model, run, save_tiny_llama, write_pipeline
 
 WORDS = ("the a cat dog bird sat ran flew on under over mat log tree and then it was red blue "
@@ -88,7 +87,7 @@ def token_rows(n: int, seed: int, lo: int = 0, hi: int = 256, length: int = 12) 
 
 
 def manifest(store_dir: Path, key: str) -> dict:
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.store.content import Store
 
     return Store(store_dir).lookup(key).manifest
 
@@ -207,7 +206,7 @@ def test_classifier_learns_a_separable_toy_set(tmp_path, store_dir, models):
 
 
 def test_csv_labels_that_are_integers_count_as_integers(tmp_path, store_dir, models):
-    from weightflow.dsl.diagnostics import StepFailed
+    from weightflow.dsl.lang.diagnostics import StepFailed
 
     (tmp_path / "d.csv").write_text("text,label\ngood film,1\nbad film,0\nnice plot,1\n")
     path = write_pipeline(tmp_path, f"""
@@ -228,8 +227,8 @@ def test_csv_labels_that_are_integers_count_as_integers(tmp_path, store_dir, mod
 def test_prompt_response_data_puts_the_loss_on_the_response_only(models):
     import transformers
 
-    from weightflow.ops._train import IGNORE, Encoder
     from weightflow.ops.finetune import FinetuneParams
+    from weightflow.ops.lib.training import IGNORE, Encoder
 
     tok = transformers.AutoTokenizer.from_pretrained(models["llama"])
     model = transformers.AutoModelForCausalLM.from_pretrained(models["llama"])
@@ -248,9 +247,9 @@ def test_prompt_response_data_puts_the_loss_on_the_response_only(models):
 # -- keys: aliases are spellings, not settings ------------------------------------------
 
 def _key(tmp_path: Path, body: str, name: str) -> str:
-    from weightflow.dsl.executor import Planner
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.engine.planner import Planner
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
 
     (tmp_path / "d.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
     path = write_pipeline(tmp_path, "weightflow: 1\nsteps:\n  base: {op: load, config: {model_type: llama}}\n"
@@ -431,8 +430,8 @@ def test_same_seed_same_data_same_weights_in_fresh_caches(tmp_path, models):
 # -- bad inputs: clear errors before training ----------------------------------------------
 
 def _pipeline_error(tmp_path: Path, text: str) -> str:
-    from weightflow.dsl.diagnostics import PipelineError
-    from weightflow.dsl.pipeline import load_pipeline
+    from weightflow.dsl.lang.diagnostics import PipelineError
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     with pytest.raises(PipelineError) as exc:
         load_pipeline(write_pipeline(tmp_path, text))
@@ -479,7 +478,7 @@ def test_invalid_training_steps_are_located(tmp_path, step, fragments):
     ([{"input_ids": [1, 2]}, {"text": "b"}], "causal-lm", "line 2 has no 'input_ids'"),
 ])
 def test_data_problems_are_reported_before_any_step_runs(tmp_path, store_dir, rows, task, fragment):
-    from weightflow.dsl.diagnostics import PipelineError
+    from weightflow.dsl.lang.diagnostics import PipelineError
 
     write_jsonl(tmp_path / "d.jsonl", rows)
     path = write_pipeline(tmp_path, f"""
@@ -506,7 +505,7 @@ def test_data_problems_are_reported_before_any_step_runs(tmp_path, store_dir, ro
     ("llama_bare", [{"text": "good"}], "", "text data needs the model's tokenizer"),
 ])
 def test_run_time_input_errors_come_before_training(tmp_path, store_dir, models, model, data, extra, fragment):
-    from weightflow.dsl.diagnostics import StepFailed
+    from weightflow.dsl.lang.diagnostics import StepFailed
 
     write_jsonl(tmp_path / "d.jsonl", data)
     source = (f"{{op: load, config: {json.dumps(TINY_LLAMA)}}}" if model == "llama_bare"

@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_LLAMA, run, write_pipeline
 
 OLD_METHODS = ("grad-ascent", "grad-diff", "npo", "simnpo", "ssd")
@@ -27,7 +26,7 @@ SPECIFIC = ("forget_weight", "retain_weight", "beta", "gamma", "alpha", "lambda"
 
 
 def _step(tmp_path: Path, fields: str, name: str = "p.yaml"):
-    from weightflow.dsl.pipeline import load_pipeline
+    from weightflow.dsl.lang.pipeline import load_pipeline
 
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     path = write_pipeline(tmp_path, f"weightflow: 1\nsteps:\n  base: {{op: load, config: {{model_type: llama}}}}\n"
@@ -36,7 +35,7 @@ def _step(tmp_path: Path, fields: str, name: str = "p.yaml"):
 
 
 def _error(tmp_path: Path, fields: str) -> str:
-    from weightflow.dsl.diagnostics import PipelineError
+    from weightflow.dsl.lang.diagnostics import PipelineError
 
     with pytest.raises(PipelineError) as exc:
         _step(tmp_path, fields)
@@ -96,8 +95,8 @@ def test_methods_sharing_a_key_must_agree_on_its_bounds():
 # -- derived from the registry: wga is there with no other edit ------------------------------
 
 def test_wga_is_in_the_schema_the_op_reference_and_the_doc():
-    from weightflow.dsl.opdocs import ops_json, ops_markdown, ops_text
-    from weightflow.dsl.schema import language_schema
+    from weightflow.dsl.lang.opdocs import ops_json, ops_markdown, ops_text
+    from weightflow.dsl.lang.schema import language_schema
     from weightflow.ops import unlearn_methods as um
 
     names = list(um.methods())
@@ -235,7 +234,7 @@ def _token_rows(n: int, seed: int, lo: int, hi: int, length: int = 12) -> list[d
 def test_wga_raises_the_forget_loss_more_than_the_retain_loss_and_is_reproducible(tmp_path):
     """A tiny Llama first fits forget + retain sequences; 15 wga steps then raise the forget
     NLL well above the retain NLL's change; the same pipeline in a fresh cache gives the same bits."""
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.store.content import Store
 
     forget, retain = _token_rows(16, seed=0, lo=0, hi=128), _token_rows(32, seed=1, lo=128, hi=256)
     for name, rows in (("forget", forget), ("retain", retain), ("all", forget + retain)):

@@ -52,7 +52,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import read_model, run, save_tiny_llama, write_pipeline
 
 llmc = pytest.importorskip("llmcompressor")

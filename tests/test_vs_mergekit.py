@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
-
 from conftest import read_model, run, write_pipeline
 
 mergekit_merge = pytest.importorskip("mergekit.merge", reason="mergekit is not installed")

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run, write_pipeline
 
 pytestmark = pytest.mark.slow

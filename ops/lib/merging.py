@@ -24,9 +24,8 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from weightflow.dsl.oplib import DeltaRef, Dtype, FiniteFloat, ModelRef, OpParams
-from weightflow.ops._params import PerTensor, check_range
-
+from weightflow.dsl.lang.spec import DeltaRef, Dtype, FiniteFloat, ModelRef, OpParams
+from weightflow.ops.lib.params import PerTensor, check_range
 
 # -- params shared by the methods ---------------------------------------------------------
 
@@ -85,8 +84,15 @@ def stream_merge(ctx, template, template_dir, compute: Callable, dtype: str,
     others copied.  ``before(name)`` runs once per float tensor before its chunks."""
     import torch
 
-    from weightflow.ops._tensors import (
-        FLOAT_ST, TORCH_DTYPES, TensorInfo, copy_side_files, row_ranges, st_dtype_of, tensor_buffer)
+    from weightflow.ops.lib.tensors import (
+        FLOAT_ST,
+        TORCH_DTYPES,
+        TensorInfo,
+        copy_side_files,
+        row_ranges,
+        st_dtype_of,
+        tensor_buffer,
+    )
 
     target = st_dtype_of(dtype)
     plan = [TensorInfo(n, target if i.dtype in FLOAT_ST else i.dtype, i.shape)
@@ -111,7 +117,7 @@ def stream_merge(ctx, template, template_dir, compute: Callable, dtype: str,
 
 def open_models(arts) -> list:
     """Checkpoints of ``arts``, all checked to hold the same tensors with the same shapes."""
-    from weightflow.ops._tensors import Checkpoint, check_same_tensors
+    from weightflow.ops.lib.tensors import Checkpoint, check_same_tensors
 
     ckpts = [Checkpoint(a.path, label=f"model '{a.step}'") for a in arts]
     for c in ckpts[1:]:
@@ -123,7 +129,7 @@ def tensor_pass(ckpts: list, name: str) -> Iterator[list]:
     """Row chunks of tensor ``name`` of every checkpoint, side by side, as float64."""
     import torch
 
-    from weightflow.ops._tensors import row_ranges
+    from weightflow.ops.lib.tensors import row_ranges
 
     for lo, hi in row_ranges(ckpts[0].info[name].shape):
         yield [c.get(name, lo, hi).to(torch.float64) for c in ckpts]
@@ -135,8 +141,8 @@ class DeltaInput:
     """One delta of a merge: its checkpoint, cut or padded to the base's rows."""
 
     def __init__(self, art, base, vocab: str):
-        from weightflow.dsl.diagnostics import OpError
-        from weightflow.ops._tensors import Checkpoint
+        from weightflow.dsl.lang.diagnostics import OpError
+        from weightflow.ops.lib.tensors import Checkpoint
 
         self.art = art
         self.ckpt = Checkpoint(art.path, prefix="delta", label=f"delta '{art.step}'")
@@ -200,8 +206,8 @@ def magnitude_trim(p, t: TensorOfDelta) -> Callable:
     with ``trim_scope: model``, fitted in ``prepare_magnitude_trim``)."""
     import torch
 
-    from weightflow.ops._params import resolve
-    from weightflow.ops._sparsify import TopK, count_for
+    from weightflow.ops.lib.params import resolve
+    from weightflow.ops.lib.sparsify import TopK, count_for
 
     sel = t.prepared or TopK.fit(t.chunks, count_for(resolve(p.density, t.name), t.numel))
     return lambda c: torch.where(sel.mask(c), c, torch.zeros((), dtype=c.dtype))
@@ -209,7 +215,7 @@ def magnitude_trim(p, t: TensorOfDelta) -> Callable:
 
 def prepare_magnitude_trim(p, base, deltas: list[DeltaInput], chunks_of) -> dict:
     """``trim_scope: model``: one top-k threshold over all of a delta's float tensors."""
-    from weightflow.ops._sparsify import TopK, count_for
+    from weightflow.ops.lib.sparsify import TopK, count_for
 
     if getattr(p, "trim_scope", "tensor") != "model":
         return {}
@@ -230,8 +236,8 @@ def breadcrumbs(p, t: TensorOfDelta) -> Callable:
     """Model Breadcrumbs: drop the largest ``gamma`` fraction and keep the next ``density``."""
     import torch
 
-    from weightflow.ops._params import resolve
-    from weightflow.ops._sparsify import TopK
+    from weightflow.ops.lib.params import resolve
+    from weightflow.ops.lib.sparsify import TopK
 
     dens = resolve(p.density, t.name)
     n_top = int(p.gamma * t.numel)  # counted as mergekit's breadcrumbs does
@@ -260,8 +266,8 @@ def dare(p, t: TensorOfDelta) -> Callable:
     digest and tensor, as ``dare-prune`` draws them), rescale by ``rescale``."""
     import torch
 
-    from weightflow.ops._params import resolve
-    from weightflow.ops._sparsify import random_keep
+    from weightflow.ops.lib.params import resolve
+    from weightflow.ops.lib.sparsify import random_keep
 
     drop = 1.0 - resolve(p.density, t.name)
     keep = 1.0 - drop  # the same float as dare-prune's 1 - drop_rate
@@ -285,8 +291,8 @@ def della(p, t: TensorOfDelta) -> Callable:
     """DELLA's MAGPRUNE: keep probabilities density ± epsilon ranked by magnitude per row."""
     import torch
 
-    from weightflow.ops._params import resolve
-    from weightflow.ops._sparsify import della_keep_prob, random_uniform
+    from weightflow.ops.lib.params import resolve
+    from weightflow.ops.lib.sparsify import della_keep_prob, random_uniform
 
     dens = resolve(p.density, t.name)
 
@@ -338,8 +344,8 @@ def merge_deltas(inputs, p, ctx, recipe: DeltaRecipe) -> dict:
     """``base + λ·combine(select(δᵢ))``, tensor by tensor in row chunks."""
     import torch
 
-    from weightflow.ops._params import resolve
-    from weightflow.ops._tensors import Checkpoint, row_ranges
+    from weightflow.ops.lib.params import resolve
+    from weightflow.ops.lib.tensors import Checkpoint, row_ranges
 
     base_art = inputs["base"]
     base = Checkpoint(base_art.path, label=f"base '{base_art.step}'")

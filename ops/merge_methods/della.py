@@ -6,10 +6,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from weightflow.dsl.oplib import FiniteFloat
-from weightflow.ops._params import PerTensor
+from weightflow.dsl.lang.spec import FiniteFloat
 from weightflow.ops.lib.merging import (
-    DeltaMergeParams, DeltaRecipe, check_density, della, densities, optional_sign_consensus)
+    DeltaMergeParams,
+    DeltaRecipe,
+    check_density,
+    della,
+    densities,
+    optional_sign_consensus,
+)
+from weightflow.ops.lib.params import PerTensor
 from weightflow.ops.merge_methods import MergeMethod
 
 

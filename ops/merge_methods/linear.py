@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import ModelRef
-from weightflow.ops._params import PerTensor
+from weightflow.dsl.lang.spec import ModelRef
 from weightflow.ops.lib.merging import MergeCommon, open_models, stream_merge
+from weightflow.ops.lib.params import PerTensor
 from weightflow.ops.merge_methods import MergeMethod
 
 
@@ -24,8 +24,8 @@ class LinearParams(MergeCommon):
 def run(inputs, p: LinearParams, ctx) -> dict:
     import torch
 
-    from weightflow.dsl.diagnostics import OpError
-    from weightflow.ops._params import resolve
+    from weightflow.dsl.lang.diagnostics import OpError
+    from weightflow.ops.lib.params import resolve
 
     arts = inputs["models"]
     ckpts = open_models(arts)

@@ -12,8 +12,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import ModelRef
-from weightflow.ops.lib.merging import MergeCommon, open_models, stream_merge, tensor_pass
+from weightflow.dsl.lang.spec import ModelRef
+from weightflow.ops.lib.merging import (
+    MergeCommon,
+    open_models,
+    stream_merge,
+    tensor_pass,
+)
 from weightflow.ops.merge_methods import MergeMethod
 
 NORM_FLOOR = 1e-6      # mergekit clamps the product of norms here

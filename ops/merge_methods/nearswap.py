@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import FiniteFloat, ModelRef
+from weightflow.dsl.lang.spec import FiniteFloat, ModelRef
 from weightflow.ops.lib.merging import MergeCommon, open_models, stream_merge
 from weightflow.ops.merge_methods import MergeMethod
 

@@ -7,9 +7,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from weightflow.dsl.oplib import ModelRef
-from weightflow.ops._params import PerTensor, check_range
-from weightflow.ops.lib.merging import MergeCommon, open_models, stream_merge, tensor_pass
+from weightflow.dsl.lang.spec import ModelRef
+from weightflow.ops.lib.merging import (
+    MergeCommon,
+    open_models,
+    stream_merge,
+    tensor_pass,
+)
+from weightflow.ops.lib.params import PerTensor, check_range
 from weightflow.ops.merge_methods import MergeMethod
 
 DOT_THRESHOLD = 0.9995  # nearly parallel tensors are interpolated linearly
@@ -33,7 +38,7 @@ class SlerpParams(MergeCommon):
 def run(inputs, p: SlerpParams, ctx) -> dict:
     import torch
 
-    from weightflow.ops._params import resolve
+    from weightflow.ops.lib.params import resolve
 
     arts = inputs["models"]
     a, b = open_models(arts)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from weightflow.ops.lib.merging import DeltaMergeParams, DeltaRecipe, keep_all, no_consensus
+from weightflow.ops.lib.merging import (
+    DeltaMergeParams,
+    DeltaRecipe,
+    keep_all,
+    no_consensus,
+)
 from weightflow.ops.merge_methods import MergeMethod
 
 

@@ -6,9 +6,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from weightflow.ops._params import PerTensor
 from weightflow.ops.lib.merging import (
-    DeltaMergeParams, DeltaRecipe, check_density, magnitude_trim, prepare_magnitude_trim, sign_consensus)
+    DeltaMergeParams,
+    DeltaRecipe,
+    check_density,
+    magnitude_trim,
+    prepare_magnitude_trim,
+    sign_consensus,
+)
+from weightflow.ops.lib.params import PerTensor
 from weightflow.ops.merge_methods import MergeMethod
 
 

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import DataFile, OpParams, StepRef
+from weightflow.dsl.lang.spec import DataFile, OpParams, StepRef
 
 Better = Literal["lower", "higher"] | None
 Column = tuple[str, Better, bool]  # (name, which way is better or None, drawn as a bar chart)

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from weightflow.dsl.diagnostics import OpError
-from weightflow.ops import _models
-from weightflow.ops._data import read_records
+
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.ops.lib import models
+from weightflow.ops.lib.data import read_records
 
 
 @dataclass
@@ -44,13 +45,13 @@ class Subject:
     @property
     def model(self):
         if self._model is None:
-            self._model = _models.load_model(self.path, self.device)
+            self._model = models.load_model(self.path, self.device)
         return self._model
 
     @property
     def tokenizer(self):
         if not self._tok_loaded:
-            self._tok = _models.load_tokenizer(self.path)
+            self._tok = models.load_tokenizer(self.path)
             self._tok_loaded = True
         return self._tok
 
@@ -66,7 +67,7 @@ class Subject:
 
 
 def require_causal(subject: Subject, metric: str) -> None:
-    if not _models.is_causal_lm(subject.model):
+    if not models.is_causal_lm(subject.model):
         raise OpError(f"{metric} needs a causal LM; step '{subject.art.step}' is a "
                       f"{type(subject.model).__name__}")
 
@@ -114,7 +115,7 @@ def prefix_token(subject: Subject) -> int:
 def max_length(subject: Subject, asked: int | None) -> int:
     if asked:
         return asked
-    n = _models.max_positions(subject.model)
+    n = models.max_positions(subject.model)
     if n is None:
         n = getattr(subject.tokenizer, "model_max_length", None)
         n = n if isinstance(n, int) and 0 < n < 10**7 else 2048
@@ -179,7 +180,7 @@ def loss_examples(subject: Subject, m, path: Path) -> list[tuple[list[int], list
     vocab = subject.model.get_input_embeddings().num_embeddings
     tok = subject.tokenizer
     eos = getattr(tok, "eos_token_id", None)
-    L = min(m.max_length, _models.max_positions(subject.model) or m.max_length)
+    L = min(m.max_length, models.max_positions(subject.model) or m.max_length)
     out = []
     for i, row in enumerate(rows, 1):
         if "input_ids" in row:
@@ -228,7 +229,7 @@ def causal_lls(subject: Subject, m, path: Path, metric: str) -> tuple[list[float
         counts.append(len(x) - first)
     if not counts:
         raise OpError(f"{path}: no token to score within max_length {m.max_length}")
-    lls = score_windows(model, wins, m.batch_size, _models.pad_id(model, subject.tokenizer), subject.device)
+    lls = score_windows(model, wins, m.batch_size, models.pad_id(model, subject.tokenizer), subject.device)
     return lls, counts
 
 
@@ -252,7 +253,7 @@ def example_losses(subject: Subject, m, path: Path, metric: str) -> list[float]:
     """Each example's loss: mean token NLL (causal LMs), cross-entropy (classifiers)."""
     import torch.nn.functional as F
 
-    if _models.is_classifier(subject.model):
+    if models.is_classifier(subject.model):
         out: list[float] = []
         for logits, labels in classifier_batches(subject, m, path):
             out += F.cross_entropy(logits, labels, reduction="none").tolist()

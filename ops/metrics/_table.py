@@ -1,5 +1,5 @@
 """The report as plain-text tables, for evaluate's log (ops do not import the presentation
-layer, ``weightflow.dsl.report``, which renders reports as Markdown and HTML)."""
+layer, ``weightflow.dsl.present.report``, which renders reports as Markdown and HTML)."""
 
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from weightflow.dsl.diagnostics import OpError
-from weightflow.dsl.oplib import DataPath
-from weightflow.ops._data import read_records, require_fields
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.dsl.lang.spec import DataPath
+from weightflow.ops.lib.data import read_records, require_fields
 from weightflow.ops.metrics import Metric, MetricParams
 
 
@@ -75,16 +75,22 @@ def _allowed_labels(path: Path, labels, label2id: dict, n: int, examples) -> lis
 def accuracy(subject, m: AccuracyMetric, ctx) -> tuple[dict, dict]:
     import torch
 
-    from weightflow.ops import _models
-    from weightflow.ops.metrics._scoring import (check_ids, gold, max_length, prefix_token, require_causal,
-                                                 score_windows)
+    from weightflow.ops.lib import models
+    from weightflow.ops.metrics._scoring import (
+        check_ids,
+        gold,
+        max_length,
+        prefix_token,
+        require_causal,
+        score_windows,
+    )
 
     path = ctx.data_path(m.data)
     rows = read_records(path, m.limit)
     model = subject.model
-    if _models.is_classifier(model):
+    if models.is_classifier(model):
         tok = subject.tokenizer
-        L = m.max_length or _models.max_positions(model) or 512
+        L = m.max_length or models.max_positions(model) or 512
         vocab = model.get_input_embeddings().num_embeddings
         label2id = {str(k): v for k, v in (model.config.label2id or {}).items()}
         examples = []
@@ -100,7 +106,7 @@ def accuracy(subject, m: AccuracyMetric, ctx) -> tuple[dict, dict]:
                               f"{model.config.num_labels} labels")
             examples.append((ids, g))
         allowed = _allowed_labels(path, m.labels, label2id, model.config.num_labels, examples)
-        pad = _models.pad_id(model, tok)
+        pad = models.pad_id(model, tok)
         correct = 0
         for lo in range(0, len(examples), m.batch_size):
             chunk = examples[lo:lo + m.batch_size]
@@ -136,7 +142,7 @@ def accuracy(subject, m: AccuracyMetric, ctx) -> tuple[dict, dict]:
         spans.append((start, len(windows)))
         golds.append(g)
         lengths.append([float(len(c)) for c in choices])
-    lls = score_windows(subject.model, windows, m.batch_size, _models.pad_id(subject.model, tok), subject.device)
+    lls = score_windows(subject.model, windows, m.batch_size, models.pad_id(subject.model, tok), subject.device)
     acc = acc_norm = 0
     for (a, b), g, lens in zip(spans, golds, lengths):
         ll = lls[a:b]

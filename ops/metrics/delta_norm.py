@@ -8,7 +8,7 @@ import math
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import ModelRef
+from weightflow.dsl.lang.spec import ModelRef
 from weightflow.ops.metrics import Metric, MetricParams
 
 
@@ -21,8 +21,8 @@ class DeltaNormMetric(MetricParams):
 def delta_norm(subject, m: DeltaNormMetric, ctx) -> tuple[dict, dict]:
     import torch
 
-    from weightflow.dsl.diagnostics import OpError
-    from weightflow.ops._tensors import FLOAT_ST, Checkpoint, row_ranges
+    from weightflow.dsl.lang.diagnostics import OpError
+    from weightflow.ops.lib.tensors import FLOAT_ST, Checkpoint, row_ranges
 
     base_art = subject.ref("base")
     a = Checkpoint(subject.path, label=f"model '{subject.art.step}'")

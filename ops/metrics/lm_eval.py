@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from weightflow.dsl.diagnostics import OpError
+from weightflow.dsl.lang.diagnostics import OpError
 from weightflow.ops.metrics import LocalPath, Metric, MetricParams
 
 

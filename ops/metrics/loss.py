@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from weightflow.dsl.oplib import DataPath
-from weightflow.ops._data import read_records, require_fields
+from weightflow.dsl.lang.spec import DataPath
+from weightflow.ops.lib.data import read_records, require_fields
 from weightflow.ops.metrics import Metric, MetricParams
 
 
@@ -66,10 +66,10 @@ class LossMetric(ScoredText):
 def _mean_loss(subject, m: LossMetric, path) -> tuple[float, int]:
     import torch.nn.functional as F
 
-    from weightflow.ops import _models
+    from weightflow.ops.lib import models
     from weightflow.ops.metrics._scoring import causal_lls, classifier_batches
 
-    if _models.is_classifier(subject.model):
+    if models.is_classifier(subject.model):
         total, n = 0.0, 0
         for logits, labels in classifier_batches(subject, m, path):
             total += float(F.cross_entropy(logits, labels, reduction="sum"))

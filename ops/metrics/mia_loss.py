@@ -14,7 +14,7 @@ from bisect import bisect_left, bisect_right
 
 from pydantic import Field, model_validator
 
-from weightflow.dsl.oplib import DataPath
+from weightflow.dsl.lang.spec import DataPath
 from weightflow.ops.metrics import Metric
 from weightflow.ops.metrics.loss import ScoredText, preflight_files
 

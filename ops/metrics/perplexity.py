@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import DataPath
-from weightflow.ops._data import read_records, require_fields
+from weightflow.dsl.lang.spec import DataPath
+from weightflow.ops.lib.data import read_records, require_fields
 from weightflow.ops.metrics import Metric, MetricParams
 
 LN2 = math.log(2)
@@ -51,10 +51,16 @@ def _exp(x: float) -> float | None:
 
 
 def perplexity(subject, m: PerplexityMetric, ctx) -> tuple[dict, dict]:
-    from weightflow.dsl.diagnostics import OpError
-    from weightflow.ops import _models
-    from weightflow.ops.metrics._scoring import (check_ids, max_length, prefix_token, require_causal,
-                                                 rolling_windows, score_windows)
+    from weightflow.dsl.lang.diagnostics import OpError
+    from weightflow.ops.lib import models
+    from weightflow.ops.metrics._scoring import (
+        check_ids,
+        max_length,
+        prefix_token,
+        require_causal,
+        rolling_windows,
+        score_windows,
+    )
 
     require_causal(subject, "perplexity")
     path = ctx.data_path(m.data)
@@ -90,7 +96,7 @@ def perplexity(subject, m: PerplexityMetric, ctx) -> tuple[dict, dict]:
             owner.append(d)
     if not tokens:
         raise OpError(f"{path}: no tokens to score")
-    ll = sum(score_windows(subject.model, windows, m.batch_size, _models.pad_id(subject.model, tok),
+    ll = sum(score_windows(subject.model, windows, m.batch_size, models.pad_id(subject.model, tok),
                            subject.device))
     values = {"token_perplexity": _exp(-ll / tokens), "tokens": tokens,
               "word_perplexity": _exp(-ll / words) if text_known else None,

@@ -11,8 +11,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import DataPath
-from weightflow.ops._data import read_records, require_fields
+from weightflow.dsl.lang.spec import DataPath
+from weightflow.ops.lib.data import read_records, require_fields
 from weightflow.ops.metrics import Metric, MetricParams
 
 DEFAULT_MARKERS = [
@@ -49,7 +49,7 @@ def _fold(text: str) -> str:
 def refusal(subject, m: RefusalMetric, ctx) -> tuple[dict, dict]:
     import torch
 
-    from weightflow.ops import _models
+    from weightflow.ops.lib import models
     from weightflow.ops.metrics._scoring import require_causal
 
     require_causal(subject, "refusal")
@@ -70,7 +70,7 @@ def refusal(subject, m: RefusalMetric, ctx) -> tuple[dict, dict]:
             ids = tok(p)["input_ids"]
         encoded.append(ids)
     model = subject.model
-    pad = _models.pad_id(model, tok)
+    pad = models.pad_id(model, tok)
     eos = getattr(tok, "eos_token_id", None)
     markers = [_fold(x) for x in m.markers]
     answers = []

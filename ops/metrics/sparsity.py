@@ -17,7 +17,7 @@ class SparsityMetric(MetricParams):
 
 
 def sparsity(subject, m: SparsityMetric, ctx) -> tuple[dict, dict]:
-    from weightflow.ops._tensors import FLOAT_ST, Checkpoint, row_ranges
+    from weightflow.ops.lib.tensors import FLOAT_ST, Checkpoint, row_ranges
 
     ck = Checkpoint(subject.path, label=f"model '{subject.art.step}'")
     zeros = numel = all_zeros = all_numel = 0

@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 from pydantic import Field
 
-from weightflow.dsl.oplib import FiniteFloat
+from weightflow.dsl.lang.spec import FiniteFloat
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class ForgetBatch:
 
     def mean_nll(self):
         """Token-averaged NLL of the batch."""
-        from weightflow.ops._train import mean_nll
+        from weightflow.ops.lib.training import mean_nll
 
         return mean_nll(self.nll_sum, self.n_tok)
 
@@ -111,7 +111,7 @@ class ForgetBatch:
         """
         import torch.nn.functional as F
 
-        from weightflow.ops._train import IGNORE
+        from weightflow.ops.lib.training import IGNORE
 
         if self.task == "causal-lm":
             lg, lb = self.logits[:, :-1], self.labels[:, 1:]
@@ -127,7 +127,7 @@ class Job:
     """What a method's ``apply`` works on (the model is loaded, on its device, data encoded)."""
 
     model: Any
-    forget: list  # encoded examples (weightflow.ops._train.Example)
+    forget: list  # encoded examples (weightflow.ops.lib.training.Example)
     retain: list | None
     batch_size: int
     pad_id: int

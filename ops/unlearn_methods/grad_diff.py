@@ -1,6 +1,11 @@
 """``grad-diff``: L_forget = −NLL(forget) (token mean), plus the retain term."""
 
-from weightflow.ops.unlearn_methods import FORGET_WEIGHT, RETAIN_WEIGHT, ForgetBatch, UnlearnMethod
+from weightflow.ops.unlearn_methods import (
+    FORGET_WEIGHT,
+    RETAIN_WEIGHT,
+    ForgetBatch,
+    UnlearnMethod,
+)
 
 
 def forget_loss(batch: ForgetBatch, opts: dict):

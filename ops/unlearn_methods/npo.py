@@ -2,7 +2,13 @@
 L_forget = −(2/β)·mean log σ(−β·(log π_θ(y) − log π_ref(y))), π_ref the frozen input
 model; plus the retain term."""
 
-from weightflow.ops.unlearn_methods import FORGET_WEIGHT, RETAIN_WEIGHT, ForgetBatch, Param, UnlearnMethod
+from weightflow.ops.unlearn_methods import (
+    FORGET_WEIGHT,
+    RETAIN_WEIGHT,
+    ForgetBatch,
+    Param,
+    UnlearnMethod,
+)
 
 
 def forget_loss(batch: ForgetBatch, opts: dict):

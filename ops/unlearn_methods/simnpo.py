@@ -2,7 +2,13 @@
 L_forget = −(2/β)·mean log σ(−(β/|y|)·log π_θ(y) − γ); plus the retain term.
 The defaults are open-unlearning's (its TOFU recipe also sets forget_weight 0.125)."""
 
-from weightflow.ops.unlearn_methods import FORGET_WEIGHT, RETAIN_WEIGHT, ForgetBatch, Param, UnlearnMethod
+from weightflow.ops.unlearn_methods import (
+    FORGET_WEIGHT,
+    RETAIN_WEIGHT,
+    ForgetBatch,
+    Param,
+    UnlearnMethod,
+)
 
 
 def forget_loss(batch: ForgetBatch, opts: dict):

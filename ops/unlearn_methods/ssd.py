@@ -11,7 +11,7 @@ def importances(model, examples, batch_size: int, pad_id: int, task: str, device
     """Mean over batches of the squared gradient of each batch's mean loss, per parameter."""
     import torch
 
-    from weightflow.ops import _train as T
+    from weightflow.ops.lib import training as T
 
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

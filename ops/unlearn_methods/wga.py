@@ -6,7 +6,13 @@ to ``beta``, held constant in the gradient: L_forget = −mean_t sg(π_θ(y_t)^�
 (open-unlearning's gamma and alpha are ``forget_weight`` and ``retain_weight``).  Tokens
 the model already finds unlikely get little push, so ascent stops chasing them."""
 
-from weightflow.ops.unlearn_methods import FORGET_WEIGHT, RETAIN_WEIGHT, ForgetBatch, Param, UnlearnMethod
+from weightflow.ops.unlearn_methods import (
+    FORGET_WEIGHT,
+    RETAIN_WEIGHT,
+    ForgetBatch,
+    Param,
+    UnlearnMethod,
+)
 
 
 def forget_loss(batch: ForgetBatch, opts: dict):

@@ -270,9 +270,9 @@ steps:
 INPROCESS_SCRIPT = textwrap.dedent("""\
     import json, sys, time
     t0 = time.perf_counter()
-    from weightflow.dsl.executor import Runner
-    from weightflow.dsl.pipeline import load_pipeline
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.engine.runner import Runner
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
     t_import = time.perf_counter() - t0
     path, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     times, statuses = [], []
@@ -340,8 +340,8 @@ steps:
   ta:  {op: merge, method: task-arithmetic, base: m0, deltas: [d1, d2], weights: [0.5, 0.5]}
 """
 
-BASELINE_SCRIPT = ("import torch, safetensors.torch, weightflow.dsl.executor, weightflow.ops.load, "
-                   "weightflow.ops.merge, weightflow.ops.extract_delta, weightflow.ops._tensors")
+BASELINE_SCRIPT = ("import torch, safetensors.torch, weightflow.dsl.engine.runner, weightflow.ops.load, "
+                   "weightflow.ops.merge, weightflow.ops.extract_delta, weightflow.ops.lib.tensors")
 
 
 def bench_rss(work: Path, size_gb: float, log) -> dict:
@@ -418,8 +418,8 @@ def bench_rss(work: Path, size_gb: float, log) -> dict:
 def bench_hash(work: Path, size_gb: float) -> dict:
     import numpy as np
 
-    from weightflow.dsl.checkpoint import hash_file
-    from weightflow.dsl.store import Store
+    from weightflow.dsl.format.checkpoint import hash_file
+    from weightflow.dsl.store.content import Store
 
     work.mkdir(parents=True, exist_ok=True)
     path = work / "random.bin"

@@ -312,9 +312,9 @@ MK_INPROCESS = textwrap.dedent("""\
                       "after_merge": status()}))
 """)
 
-WF_BASELINE = ("import torch, safetensors.torch, weightflow.dsl.executor, weightflow.ops.load, "
-               "weightflow.ops.merge, weightflow.ops.extract_delta, weightflow.ops._tensors, "
-               "weightflow.ops._sparsify")
+WF_BASELINE = ("import torch, safetensors.torch, weightflow.dsl.engine.runner, weightflow.ops.load, "
+               "weightflow.ops.merge, weightflow.ops.extract_delta, weightflow.ops.lib.tensors, "
+               "weightflow.ops.lib.sparsify")
 
 
 def _mem(res: dict, size: int) -> dict:
@@ -523,11 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
+    from importlib.metadata import version
+
     import mergekit  # noqa: F401  (fail early when absent)
     import psutil
     import safetensors
     import torch
-    from importlib.metadata import version
 
     doc: dict = {
         "benchmark": "vs_mergekit",

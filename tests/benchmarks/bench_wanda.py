@@ -153,9 +153,9 @@ def run_weightflow(path: Path, cache: Path) -> dict:
 
 def calibration_batches(model_dir: Path, calib: Path, samples: int, seq_len: int, batch_size: int):
     """Exactly the (input_ids, attention_mask) batches weightflow's prune-wanda feeds the model."""
-    from weightflow.ops._calibration import windows
-    from weightflow.ops._params import Calibration
-    from weightflow.ops._wanda import pad_batches
+    from weightflow.ops.lib.calibration import windows
+    from weightflow.ops.lib.params import Calibration
+    from weightflow.ops.lib.wanda import pad_batches
 
     ids = windows(Calibration(data=str(calib), samples=samples, seq_len=seq_len), calib, model_dir, None)
     return ids, pad_batches(ids, batch_size, 0, "cpu")
@@ -211,7 +211,7 @@ def run_llmcompressor(model_dir: Path, calib: Path, samples: int, seq_len: int, 
 
 
 def read_tensors(directory: Path) -> dict:
-    from weightflow.ops._tensors import Checkpoint
+    from weightflow.ops.lib.tensors import Checkpoint
 
     ck = Checkpoint(directory)
     out = {n: ck.get(n).clone() for n in ck.names()}
@@ -223,13 +223,13 @@ def weightflow_eager(model_dir: Path, calib: Path, samples: int, seq_len: int, s
                      batch_size: int) -> dict:
     """Diagnostic: weightflow's Wanda (in process) on the model with eager attention, as
     llm-compressor's calibration forces (weightflow runs the model's default, sdpa)."""
-    from weightflow.ops import _models, _wanda
+    from weightflow.ops.lib import models, wanda
 
     ids, _ = calibration_batches(model_dir, calib, samples, seq_len, batch_size)
-    model = _models.load_model(model_dir)
+    model = models.load_model(model_dir)
     model.config._attn_implementation = "eager"
-    _wanda.prune(model, method="wanda", sparsity=sparsity, nm=None, group="row", include=None, exclude=[],
-                 samples=ids, batch_size=batch_size, pad=_models.pad_id(model))
+    wanda.prune(model, method="wanda", sparsity=sparsity, nm=None, group="row", include=None, exclude=[],
+                 samples=ids, batch_size=batch_size, pad=models.pad_id(model))
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 

@@ -289,7 +289,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         except ValueError as exc:  # also bad UTF-8 and repeated names
             raise HeaderError(path, f"not a safetensors file: the header is not valid JSON ({exc})") from None
     check_header(header, 8 + n, size, path)
-    from .sparse import sparse_specs  # (sparse imports this module)
+    from weightflow.dsl.format.sparse import (
+        sparse_specs,  # (sparse imports this module)
+    )
 
     sparse_specs(header, path)
     return header, 8 + n

@@ -19,9 +19,9 @@ from typing import Literal, Union
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from weightflow.dsl.diagnostics import OpError
-from weightflow.dsl.oplib import Dtype, FiniteFloat, OpParams
-from weightflow.ops._data import SUFFIXES, read_records, require_fields
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.dsl.lang.spec import Dtype, FiniteFloat, OpParams
+from weightflow.ops.lib.data import SUFFIXES, read_records, require_fields
 
 TASKS = ("causal-lm", "sequence-classification")
 Task = Literal["auto", "causal-lm", "sequence-classification"]

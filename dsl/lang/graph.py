@@ -10,7 +10,7 @@ from typing import Iterable
 
 import networkx as nx
 
-from .diagnostics import Diagnostic, did_you_mean
+from weightflow.dsl.lang.diagnostics import Diagnostic, did_you_mean
 
 
 def build(pipeline) -> nx.DiGraph:

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from weightflow.dsl.diagnostics import OpError
+
+from weightflow.dsl.lang.diagnostics import OpError
 
 # Files of a model directory that describe the weights; everything else in
 # SIDE_FILE_GLOBS (tokenizer, chat template) travels along with a produced model.
@@ -88,7 +89,7 @@ def check_loaded(model, info: dict, ckpt, label: str, new_head: bool, compare_va
     dtype.  Returns {"initialised": [names], "dropped": [names]}; raises OpError naming the
     file and the tensor otherwise.
     """
-    from weightflow.ops._tensors import FLOAT_ST
+    from weightflow.ops.lib.tensors import FLOAT_ST
 
     arch = type(model).__name__
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -247,7 +248,7 @@ def weight_rows(module) -> torch.Tensor:
 
 def save_model(model, src: Path, ctx, dtype: str) -> dict:
     """Save ``model`` (plus the input directory's tokenizer files) and import it into the store."""
-    from weightflow.ops._tensors import side_files
+    from weightflow.ops.lib.tensors import side_files
     from weightflow.ops.load import import_directory
 
     with tempfile.TemporaryDirectory(dir=ctx.out.parent) as tmp:

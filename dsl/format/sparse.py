@@ -6,7 +6,7 @@ pattern packed 8 elements a byte, little-endian bit order) and ``W::values`` (th
 nonzero values in row-major order), and the file's ``__metadata__`` key
 ``weightflow.sparse`` lists the logical dtype and shape of every such tensor.  At
 density 0.1 a float32 tensor takes 1/32 + 0.1 ≈ 13% of its dense size.  Readers
-(``ops._tensors.Checkpoint``) rebuild dense row chunks, so no op sees the encoding.
+(``ops.lib.tensors.Checkpoint``) rebuild dense row chunks, so no op sees the encoding.
 
 The writer cannot know a tensor's density before it has seen all of it, so each
 tensor is spilled to a temporary file while counting nonzeros; when complete it is
@@ -26,7 +26,12 @@ from typing import Sequence
 
 import blake3
 
-from .checkpoint import ITEMSIZE, HeaderError, TensorDigest, TensorInfo
+from weightflow.dsl.format.checkpoint import (
+    ITEMSIZE,
+    HeaderError,
+    TensorDigest,
+    TensorInfo,
+)
 
 SPARSE_META = "weightflow.sparse"
 MASK_SUFFIX = "::mask"

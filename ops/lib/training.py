@@ -30,11 +30,22 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from weightflow.dsl.diagnostics import OpError
-from weightflow.ops._data import read_records
-from weightflow.ops._models import _why as _models_why
-from weightflow.ops._models import architectures, check_loaded, load_tokenizer, pad_id, save_model  # noqa: F401 (save_model re-exported)
-from weightflow.ops._train_params import TrainParams, check_records, label_value, where
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.ops.lib.data import read_records
+from weightflow.ops.lib.models import _why as _models_why
+from weightflow.ops.lib.models import (  # noqa: F401 (save_model re-exported)
+    architectures,
+    check_loaded,
+    load_tokenizer,
+    pad_id,
+    save_model,
+)
+from weightflow.ops.lib.train_params import (
+    TrainParams,
+    check_records,
+    label_value,
+    where,
+)
 
 IGNORE = -100  # label of positions without loss (prompt tokens, padding)
 TASK_CLASS = {"causal-lm": "ForCausalLM", "sequence-classification": "ForSequenceClassification"}

@@ -13,9 +13,10 @@ import random as _random
 from pathlib import Path
 
 import torch
-from weightflow.dsl.diagnostics import OpError
-from weightflow.ops._data import read_records
-from weightflow.ops._params import Calibration
+
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.ops.lib.data import read_records
+from weightflow.ops.lib.params import Calibration
 
 
 def windows(cal: Calibration, data_path: Path, model_dir: Path, max_len: int | None) -> list[torch.Tensor]:

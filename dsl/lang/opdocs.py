@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from . import registry
-from .oplib import DataFile, StepRef, _markers_of
+from weightflow.dsl.lang import registry
+from weightflow.dsl.lang.spec import DataFile, StepRef, _markers_of
 
 
 def _models(spec) -> list[tuple[str | None, type[BaseModel]]]:

@@ -27,8 +27,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from weightflow.dsl.diagnostics import OpError
-from weightflow.ops._models import blocks, linear_modules, weight_rows
+
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.ops.lib.models import blocks, linear_modules, weight_rows
 
 ROW_CHUNK = 4096  # tokens per float64 sum-of-squares chunk
 

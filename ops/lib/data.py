@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from weightflow.dsl.diagnostics import OpError
+from weightflow.dsl.lang.diagnostics import OpError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 

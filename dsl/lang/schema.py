@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import registry
-from .pipeline import DTYPES, SUPPORTED_VERSIONS
+from weightflow.dsl.lang import registry
+from weightflow.dsl.lang.pipeline import DTYPES, SUPPORTED_VERSIONS
 
 VAR_REF = {"type": "string", "pattern": r"^.*\$\{\s*vars\.[A-Za-z_][A-Za-z0-9_-]*\s*\}.*$",
            "description": "a ${vars.NAME} interpolation"}

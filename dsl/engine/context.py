@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import ShardedWriter, TensorInfo
-from .oplib import Kind
+from weightflow.dsl.format.checkpoint import ShardedWriter, TensorInfo
+from weightflow.dsl.lang.spec import Kind
 
 META_FILE = "weightflow.json"
 
@@ -72,7 +72,7 @@ class RunContext:
 
     def delta_writer(self, plan: list[TensorInfo], prefix: str = "delta"):
         """A writer that stores each tensor dense or sparse (mask + values), automatically."""
-        from .sparse import DeltaWriter
+        from weightflow.dsl.format.sparse import DeltaWriter
 
         w = DeltaWriter(self.out, plan, prefix=prefix, max_shard_bytes=self.shard_bytes)
         self.writers.append(w)

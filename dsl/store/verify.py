@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .diagnostics import WeightflowError
-from .store import Store, is_hex_id, tree_size
+from weightflow.dsl.lang.diagnostics import WeightflowError
+from weightflow.dsl.store.content import Store, is_hex_id, tree_size
 
 PROBLEMS = {
     "unreadable-action": "the action file is unreadable or names no valid object",
@@ -34,7 +34,7 @@ PROBLEMS = {
 
 def lock_scope(paths: list[str]) -> dict[str, dict]:
     """key -> {step, pipeline} for every entry of the given lock files (or pipelines)."""
-    from . import lockfile
+    from weightflow.dsl.store import lockfile
 
     scope: dict[str, dict] = {}
     for item in paths:

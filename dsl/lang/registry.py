@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from .diagnostics import WeightflowError
-from .oplib import OpSpec
+from weightflow.dsl.lang.diagnostics import WeightflowError
+from weightflow.dsl.lang.spec import OpSpec
 
 GROUP = "weightflow.ops"
 

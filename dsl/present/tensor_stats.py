@@ -12,8 +12,8 @@ import math
 import mmap
 from pathlib import Path
 
-from .checkpoint import read_header
-from .sparse import MASK_SUFFIX, SPARSE_META, VALUES_SUFFIX
+from weightflow.dsl.format.checkpoint import read_header
+from weightflow.dsl.format.sparse import MASK_SUFFIX, SPARSE_META, VALUES_SUFFIX
 
 _NP = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
        "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}

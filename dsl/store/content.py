@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .checkpoint import digest_directory, hash_file
+from weightflow.dsl.format.checkpoint import digest_directory, hash_file
 
 try:  # POSIX; elsewhere staging directories are simply never cleaned automatically
     import fcntl

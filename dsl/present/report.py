@@ -15,8 +15,8 @@ import json
 import math
 from pathlib import Path
 
-from .diagnostics import WeightflowError
-from .oplib import Kind
+from weightflow.dsl.lang.diagnostics import WeightflowError
+from weightflow.dsl.lang.spec import Kind
 
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac"]
@@ -27,7 +27,7 @@ PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b
 def collect(pipeline, store) -> list[dict]:
     """Every Report step of ``pipeline``, in order: its report (if cached) and its models'
     current step names, keys and digests."""
-    from .executor import plan
+    from weightflow.dsl.engine.planner import plan
 
     statuses = {s.name: s for s in plan(pipeline, store)}
     out = []

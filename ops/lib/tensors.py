@@ -17,10 +17,16 @@ from typing import Iterable
 
 import torch
 
-from weightflow.dsl.checkpoint import INDEX_SUFFIX, ITEMSIZE, HeaderError, TensorInfo, read_header
-from weightflow.dsl.sparse import MASK_SUFFIX, VALUES_SUFFIX, sparse_specs
-from weightflow.dsl.diagnostics import OpError
-from weightflow.ops._layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
+from weightflow.dsl.format.checkpoint import (
+    INDEX_SUFFIX,
+    ITEMSIZE,
+    HeaderError,
+    TensorInfo,
+    read_header,
+)
+from weightflow.dsl.format.sparse import MASK_SUFFIX, VALUES_SUFFIX, sparse_specs
+from weightflow.dsl.lang.diagnostics import OpError
+from weightflow.ops.lib.layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ST_TO_TORCH = {

@@ -13,7 +13,7 @@ from typing import Annotated, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from weightflow.dsl.oplib import DataPath, FiniteFloat, OpParams
+from weightflow.dsl.lang.spec import DataPath, FiniteFloat, OpParams
 
 
 class Rule(BaseModel):

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .diagnostics import Diagnostic, WeightflowError
+from weightflow.dsl.lang.diagnostics import Diagnostic, WeightflowError
 
 Path = tuple  # tuple[str | int, ...]
 

@@ -16,10 +16,21 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from . import registry
-from .diagnostics import Diagnostic, PipelineError, did_you_mean
-from .oplib import DataFile, OpSpec, StepRef, field_markers, iter_values
-from .yamlsource import MAX_FILE_BYTES, Positions, load_yaml, size_problem
+from weightflow.dsl.lang import registry
+from weightflow.dsl.lang.diagnostics import Diagnostic, PipelineError, did_you_mean
+from weightflow.dsl.lang.spec import (
+    DataFile,
+    OpSpec,
+    StepRef,
+    field_markers,
+    iter_values,
+)
+from weightflow.dsl.lang.yamlsource import (
+    MAX_FILE_BYTES,
+    Positions,
+    load_yaml,
+    size_problem,
+)
 
 SUPPORTED_VERSIONS = (1,)
 TOP_LEVEL_KEYS = ("weightflow", "name", "description", "seed", "dtype", "vars", "steps", "outputs",
@@ -581,7 +592,9 @@ def parse_text(text: str, path: Path, display: str | None = None,
 
 
 def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pipeline:
-    from .graph import check_graph  # graph checks need parsed steps first
+    from weightflow.dsl.lang.graph import (
+        check_graph,  # graph checks need parsed steps first
+    )
 
     data, pos, yaml_diags = load_yaml(text, filename)
     col = _Collector(filename, pos)

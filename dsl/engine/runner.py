@@ -1,0 +1,324 @@
+"""The runner: executes a plan's cache misses, publishing each before moving on.
+
+A failure keeps every finished entry, so the next run resumes; in-memory artifacts are
+released after their last consumer; the lock file is written at the end and the
+pipeline's ``outputs`` are exported through ``store.export``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable
+
+from weightflow.dsl.engine.context import META_FILE, Artifact, RunContext
+from weightflow.dsl.engine.planner import Planner, StepStatus
+from weightflow.dsl.format.checkpoint import (
+    artifact_digest,
+    digest_safetensors,
+    side_file_digests,
+)
+from weightflow.dsl.lang import graph
+from weightflow.dsl.lang.diagnostics import (
+    Diagnostic,
+    PipelineError,
+    StepFailed,
+    WeightflowError,
+)
+from weightflow.dsl.lang.pipeline import Pipeline
+from weightflow.dsl.store import lockfile
+from weightflow.dsl.store.content import Store, write_atomic
+from weightflow.dsl.store.export import _absolute, export_artifact, preflight_export
+
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+class FrozenMismatch(WeightflowError):
+    exit_code = 1
+
+
+@dataclass
+class Outcome:
+    steps: list[StepStatus]
+    lock_changed: bool = False
+    exported: dict[str, str] = field(default_factory=dict)
+
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("weightflow", "torch", "transformers", "safetensors", "peft"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class Runner:
+    def __init__(self, pipeline: Pipeline, store: Store, *, targets: Iterable[str] = (),
+                 force: Iterable[str] = (), frozen: bool = False, show_progress: bool = False,
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, export: bool = True,
+                 force_export: bool = False, relock: bool = False):
+        self.p = pipeline
+        self.store = store
+        self.targets = list(targets)
+        self.force = set(force)
+        self.frozen = frozen
+        self.show_progress = show_progress
+        self.log = log
+        self.shard_bytes = shard_bytes
+        self.export = export
+        self.force_export = force_export  # replace outputs changed since weightflow wrote them
+        self.relock = relock  # ignore the existing lock file (even an unreadable one), rewrite it
+        self.planner = Planner(pipeline, store)
+
+    def warn(self, message: str) -> None:
+        self.log(f"warning: {message}")
+
+    # -- frozen check --------------------------------------------------------
+    def _check_frozen(self, lock: dict[str, lockfile.LockEntry], order: list[str], need: set[str]):
+        """Fail before running anything if any needed step's key differs from the lock.
+
+        Steps that are not cached are assumed to reproduce the digest the lock
+        records, so every key can be computed up front.
+        """
+        digests: dict[str, str] = {}
+        problems = []
+        for name in order:
+            if name not in need:
+                continue
+            old = lock.get(name)
+            if old is None:
+                problems.append(f"step '{name}' is not in the lock file")
+                continue
+            if any(e.source not in digests for e in self.p.steps[name].inputs):
+                problems.append(f"step '{name}': an input is not locked")
+                continue
+            key = self.planner.key_of(name, digests)
+            if key != old.key or self.p.steps[name].op.name != old.op:
+                problems.append(f"step '{name}' would change (key {old.key[:12]} -> {key[:12]})")
+                continue
+            entry = self.store.lookup(key)
+            digests[name] = entry.digest if entry else old.digest
+            if entry and entry.digest != old.digest:
+                problems.append(f"step '{name}': cached output {entry.digest[:12]} differs from "
+                                f"the locked {old.digest[:12]}")
+        stale = sorted(set(lock) - set(self.p.steps))
+        problems += [f"step '{n}' is in the lock file but not in the pipeline" for n in stale]
+        if problems:
+            raise FrozenMismatch(
+                f"--frozen: the lock file {self.p.lock_path.name} would change; nothing was run:\n  "
+                + "\n  ".join(problems))
+
+    # -- the run -------------------------------------------------------------
+    def run(self) -> Outcome:
+        p = self.p
+        order = graph.topo_order(p)
+        need = graph.needed(p, self.targets)
+        if self.relock and self.frozen:
+            raise WeightflowError("--relock rewrites the lock file and --frozen refuses to change it: "
+                                  "use one or the other")
+        lock = {} if self.relock else lockfile.read(p.lock_path)
+        self.store.clean_stale_staging()  # leftovers of runs killed mid-step (live runs' stay)
+        try:
+            self.planner.preflight(n for n in order if n in need)
+            problems = []
+        except PipelineError as exc:
+            problems = list(exc.diagnostics)
+        problems += self._preflight_outputs(need)  # a bad output path fails before any step runs
+        if problems:
+            raise PipelineError(problems)
+        if self.frozen:
+            self._check_frozen(lock, order, need)
+        last_use = graph.last_consumers(p, order, need)
+        digests: dict[str, str] = {}
+        names: dict[str, str] = {}
+        live: dict[str, Artifact] = {}
+        statuses: list[StepStatus] = []
+        new_lock = {n: e for n, e in lock.items() if n in p.steps}
+        todo = [n for n in order if n in need]
+        for index, name in enumerate(order):
+            step = p.steps[name]
+            if name not in need:
+                old = lock.get(name)
+                statuses.append(StepStatus(name, step.op.name, "skipped", old.key if old else None,
+                                           old.digest if old else None, "not needed by the targets"))
+                continue
+            key = self.planner.key_of(name, digests)
+            entry = None if name in self.force else self.planner.cached(key, self.warn)
+            position = f"[{todo.index(name) + 1}/{len(todo)}]"
+            if entry is not None:
+                status = StepStatus(name, step.op.name, "cached", key, entry.digest)
+                self.log(f"{position} {name} ({step.op.name}): cached {entry.digest[:12]}")
+            else:
+                self.log(f"{position} {name} ({step.op.name}): running")
+                with self.store.claim(key):
+                    entry = None if name in self.force else self.planner.cached(key, self.warn)
+                    if entry is None:
+                        entry, seconds = self._execute(name, key, digests, live, names)
+                        status = StepStatus(name, step.op.name, "executed", key, entry.digest,
+                                            seconds=seconds)
+                        self.log(f"{position} {name} ({step.op.name}): done in {seconds:.2f}s "
+                                 f"-> {entry.digest[:12]}")
+                    else:
+                        status = StepStatus(name, step.op.name, "cached", key, entry.digest,
+                                            reason="computed by a concurrent run")
+            if self.frozen and lock.get(name) and lock[name].digest != entry.digest:
+                raise FrozenMismatch(
+                    f"--frozen: step '{name}' produced {entry.digest[:12]} but the lock file records "
+                    f"{lock[name].digest[:12]}: the step is not reproducible")
+            digests[name] = entry.digest
+            names.setdefault(entry.digest, name)
+            live[name] = Artifact(kind=step.op.output, digest=entry.digest, path=entry.path, step=name)
+            new_lock[name] = lockfile.LockEntry(step.op.name, key, entry.digest)
+            statuses.append(status)
+            # free in-memory artifacts whose last consumer has now run
+            for src in [e.source for e in step.inputs]:
+                if last_use.get(src) == name and src in live:
+                    live.pop(src).release()
+        changed = lockfile.write(p.lock_path, p.path.name, new_lock)
+        outcome = Outcome(statuses, lock_changed=changed)
+        if self.export:
+            for name, target in p.outputs.items():
+                if name in digests:
+                    entry = self.store.lookup(new_lock[name].key)
+                    try:
+                        wrote = export_artifact(self.store.object_path(digests[name]), target,
+                                                entry.manifest if entry else None,
+                                                store_root=self.store.root, pipeline_dir=p.base_dir,
+                                                force=self.force_export, force_flag="--force-export")
+                    except WeightflowError as exc:
+                        raise PipelineError([self._output_diagnostic(name, str(exc))]) from None
+                    if wrote:
+                        self.log(f"exported {name} -> {target}")
+                    outcome.exported[name] = str(target)
+        return outcome
+
+    def _output_diagnostic(self, name: str, message: str) -> Diagnostic:
+        m = self.p.positions.value(("outputs", name))
+        return Diagnostic(self.p.display or str(self.p.path), m.line, m.col, message, name)
+
+    def _preflight_outputs(self, need: set[str]) -> list[Diagnostic]:
+        """Check every output directory this run would write before any step runs."""
+        if not self.export:
+            return []
+        problems = []
+        seen: dict[str, Path] = {}
+        for name, target in self.p.outputs.items():
+            if name not in need:
+                continue
+            try:
+                preflight_export(target, store_root=self.store.root, pipeline_dir=self.p.base_dir,
+                                 force=self.force_export, force_flag="--force-export")
+            except WeightflowError as exc:
+                problems.append(self._output_diagnostic(name, str(exc)))
+                continue
+            real = _absolute(target).resolve()
+            for other, there in seen.items():
+                if real == there or there in real.parents or real in there.parents:
+                    how = "is also" if real == there else "overlaps"
+                    problems.append(self._output_diagnostic(
+                        name, f"output directory {real} {how} the output directory of '{other}' "
+                        f"({there}); give each output a directory of its own"))
+            seen[name] = real
+        return problems
+
+    def _execute(self, name: str, key: str, digests: dict[str, str], live: dict[str, Artifact],
+                 names: dict[str, str]):
+        step = self.p.steps[name]
+        inputs: dict = {}
+        for edge in step.inputs:
+            art = live.get(edge.source)
+            if art is None:  # released early or produced by another run: rebuild handle
+                src = self.p.steps[edge.source]
+                art = Artifact(src.op.output, digests[edge.source],
+                               self.store.object_path(digests[edge.source]), edge.source)
+            field_name = edge.field[0]
+            if len(edge.field) == 1:
+                inputs[field_name] = art
+            elif len(edge.field) == 2 and isinstance(edge.field[1], int):  # a list of refs
+                inputs.setdefault(field_name, {})[edge.field[1]] = art
+            else:  # a ref inside a nested param model, keyed by its dotted path
+                inputs[".".join(map(str, edge.field))] = art  # e.g. 'metrics.2.delta_norm.base'
+        inputs = {k: ([v[i] for i in sorted(v)] if isinstance(v, dict) else v) for k, v in inputs.items()}
+        if self.planner.deep:  # verify: always -- re-hash every input right before the op reads it
+            for source in dict.fromkeys(e.source for e in step.inputs):
+                digest = digests[source]
+                if not self.store.verify_object(digest, deep=True):
+                    self.store.discard_object(digest)
+                    raise StepFailed(name, f"its input '{source}' (object {digest[:12]}) is "
+                                     "corrupted: its content no longer matches its digest; it was "
+                                     "discarded, rerun to recompute it", self._where(name))
+        started = time.perf_counter()
+        with self.store.staging() as out:
+            seed = getattr(step.params, "seed", None)
+            dtype = getattr(step.params, "dtype", None)
+            ctx = RunContext(step=name, out=out, seed=self.p.seed if seed is None else seed,
+                             dtype=dtype or self.p.dtype,
+                             pipeline_dir=self.p.base_dir, names=names, shard_bytes=self.shard_bytes,
+                             show_progress=self.show_progress, warn=self.warn, log=self.log)
+            try:
+                meta = step.op.run(inputs, step.params, ctx) or {}
+                for w in ctx.writers:
+                    w.abort()  # no-op after close(); closes files if the op forgot
+                digest = self._digest(out, ctx, step.op.output.value, meta)
+            except StepFailed:
+                raise
+            except WeightflowError as exc:
+                raise StepFailed(name, str(exc).removeprefix(f"step '{name}': "), self._where(name)) from exc
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # an op bug or an unexpected input: no traceback
+                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                tb = traceback.format_exc()
+                raise StepFailed(name, f"{detail}\n(internal error; set WEIGHTFLOW_DEBUG=1 for the "
+                                 f"traceback)" + (f"\n{tb}" if _debug() else ""), self._where(name)) from exc
+            seconds = time.perf_counter() - started
+            manifest = {
+                "kind": step.op.output.value,
+                "op": step.op.name,
+                "op_version": step.op.version,
+                "step": name,
+                "pipeline": str(self.p.path),
+                "recipe": self.planner.material_of(name, digests),
+                "inputs": {f"{'.'.join(map(str, e.field))}": {"step": e.source, "digest": digests[e.source]}
+                           for e in step.inputs},
+                "versions": _versions(),
+                "seconds": round(seconds, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "info": ctx.info,
+            }
+            entry = self.store.publish(key, out, digest, manifest)
+        return entry, seconds
+
+    def _where(self, name: str) -> str:
+        d = self.p.diagnostic(name, "")
+        return f"{d.file}:{d.line}:{d.col}"
+
+    @staticmethod
+    def _digest(out: Path, ctx: RunContext, kind: str, meta: dict) -> str:
+        doc = json.dumps({"kind": kind, **meta}, indent=1, sort_keys=True) + "\n"
+        write_atomic(out / META_FILE, doc.encode())
+        tensors = []
+        written = set()
+        for w in ctx.writers:
+            tensors.extend(w.digests.values())
+            written.update(w.files)
+        for f in sorted(out.rglob("*.safetensors")):
+            rel = f.relative_to(out).as_posix()
+            if rel not in written:
+                tensors.extend(digest_safetensors(f))
+        return artifact_digest(tensors, side_file_digests(out))
+
+
+def _debug() -> bool:
+    return os.environ.get("WEIGHTFLOW_DEBUG", "") not in ("", "0")

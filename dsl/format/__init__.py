@@ -1,0 +1,3 @@
+"""Bytes on disk: the dtype table, safetensors reading, writing and digests, and the sparse
+(bitmask + values) delta format with its one reader.
+"""
