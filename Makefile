@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.weightflow-installed
 EXAMPLES := $(VENV)/.weightflow-examples
 WF     := $(VENV)/bin/weightflow
 
-.PHONY: quickstart smollm2 test test-slow bench compare-llmcompressor install clean
+.PHONY: quickstart smollm2 test test-slow bench chaos lint compare-llmcompressor install clean
 
 # torch first, alone, and pinned for every later install through the constraints file
 $(BASE):
@@ -47,6 +47,11 @@ smollm2: $(EXAMPLES)
 	cd examples && ../$(WF) run smollm2.yaml
 	cd examples && ../$(WF) report smollm2.yaml
 
+# ruff (style, bugs, complexity) over everything, mypy over the torch-free half
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dsl ops tests examples
+	$(VENV)/bin/mypy
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -55,6 +60,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_spine.py
+
+# Fault injection: SIGKILL + resume, concurrent runs, corruption matrix, full disk
+# (figures in bench-results/chaos.json)
+chaos: $(STAMP)
+	$(PY) -m pytest -q -m chaos tests/chaos
 
 # Wanda masks and time against llm-compressor, in its own venv (it needs an older transformers)
 compare-llmcompressor:

@@ -30,7 +30,7 @@ class StepStatus:
     seconds: float | None = None
 
     def as_json(self) -> dict:
-        out = {"name": self.name, "op": self.op, "status": self.status, "key": self.key,
+        out: dict[str, object] = {"name": self.name, "op": self.op, "status": self.status, "key": self.key,
                "digest": self.digest}
         if self.reason:
             out["reason"] = self.reason
@@ -45,8 +45,11 @@ class FingerprintEnv:
 
     store: Store
     base_dir: Path
+    deep: bool = False  # re-hash files instead of trusting the memo (``verify: always``)
 
     def file_digest(self, path) -> str:
+        if self.deep:
+            return self.store.file_digest(Path(path), deep=True)
         return self.store.file_digest(Path(path))
 
     def data_path(self, path: str) -> Path:
@@ -81,7 +84,7 @@ class Planner:
             deep = getattr(pipeline, "verify", None) == "always" or verify_always_env()
         self.deep = deep
         if deep:
-            self.env.file_digest = lambda path: store.file_digest(Path(path), deep=True)
+            self.env.deep = True
 
     def key_of(self, name: str, digests: dict[str, str]) -> str:
         step = self.p.steps[name]
@@ -102,7 +105,7 @@ class Planner:
     def preflight(self, names: Iterable[str]) -> None:
         """Fingerprint external inputs of every step up front: a missing model directory
         in the last step is reported before the first step runs."""
-        problems = []
+        problems: list = []
         for name in names:
             step = self.p.steps[name]
             known = len(problems)

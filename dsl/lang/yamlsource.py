@@ -64,6 +64,8 @@ class _Loader(yaml.SafeLoader):
     """
 
     duplicates: list[tuple[Any, yaml.Mark, yaml.Mark, yaml.Node]]
+    _dup_checked: set[int]   # ids of mapping nodes already checked for duplicate keys
+    expanded: int            # values counted while expanding aliases
     node_count = 0  # values composed so far (keys and aliases not counted)
 
     def compose_node(self, parent, index):  # a PyYAML hook

@@ -47,7 +47,8 @@ def _child(node, key: str):
 
 
 def _kind(value) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def read(path: Path) -> dict[str, LockEntry]:

@@ -53,7 +53,7 @@ def verify_store(store: Store, scope: dict[str, dict] | None = None, deep: bool 
                  repair: bool = False) -> dict:
     """Check the entries of ``store`` (all, or the keys of ``scope``); see the module doc."""
     if scope is None:
-        keys = {key: {} for key, _ in store.actions()}
+        keys: dict[str, dict] = {key: {} for key, _ in store.actions()}
     else:
         keys = scope
     problems: list[dict] = []
