@@ -170,47 +170,88 @@ def cmd_dag(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from weightflow.dsl.engine.planner import plan
-
-    from weightflow.dsl.store import lockfile
+    from weightflow.dsl.present.report import CACHED, NOT_LOCKED, lock_only_steps, locked_steps
 
     p = _load(args.pipeline, args)
-    lock = lockfile.read(p.lock_path)
-    statuses = plan(p, _store(args), warn=lambda m: _err(f"warning: {m}"))
+    steps = locked_steps(p, _store(args), warn=_view_warn)
     rows = []
     out = []
-    for s in statuses:
-        locked = lock.get(s.name)
-        if locked is None:
-            state = "not locked"
-        elif s.key is None:
-            state = "changed upstream"
-        elif s.key != locked.key:
-            state = "changed"
-        elif s.status == "cached" and s.digest == locked.digest:
-            state = "up to date"
-        elif s.status == "cached":
-            state = "output differs from lock"
+    for s in steps.values():
+        if s.locked is None:
+            lock_state = NOT_LOCKED
+        elif s.op_changed:
+            lock_state = f"locked by op {s.locked.op}"
         else:
-            state = "locked, not in cache"
-        rows.append([s.name, s.op, state, s.status])
-        out.append({"name": s.name, "op": s.op, "lock": state, "cache": s.status})
+            lock_state = "locked"
+        if s.state == CACHED:
+            cache = "in store" if s.entry.digest == s.digest else "output differs from lock"
+        elif s.state == NOT_LOCKED:
+            cache = "-"
+        else:
+            cache = "missing"
+        rows.append([s.name, s.op, lock_state, cache, (s.key or "-")[:12], (s.digest or "-")[:12]])
+        out.append({"name": s.name, "op": s.op, "lock": lock_state, "cache": cache,
+                    "key": s.key, "digest": s.digest})
+    unlocked = [s.name for s in steps.values() if s.locked is None]
+    changed = [s.name for s in steps.values() if s.op_changed]
+    gone = lock_only_steps(p)
+    notes = []
+    if unlocked and len(unlocked) == len(steps):
+        notes.append(f"{p.lock_path.name} names no step of this pipeline: run it")
+    elif unlocked:
+        notes.append(f"not in {p.lock_path.name} (run the pipeline): {', '.join(unlocked)}")
+    if changed:
+        notes.append(f"the pipeline names another op than {p.lock_path.name} for: {', '.join(changed)}")
+    if gone:
+        notes.append(f"{p.lock_path.name} names steps the pipeline no longer has: {', '.join(gone)}")
+    notes.append(f"keys come from {p.lock_path.name}, which may be stale relative to {p.path.name} "
+                 f"(an edited recipe or a changed input shows only there); "
+                 f"`weightflow plan {p.path.name}` recomputes the keys and says what would run")
     if args.json:
-        print(json.dumps({"pipeline": str(p.path), "steps": out}))
+        print(json.dumps({"pipeline": str(p.path), "lock": str(p.lock_path), "steps": out,
+                          "not_locked": unlocked, "op_changed": changed, "lock_only": gone}))
     else:
-        _print_table(rows, ["STEP", "OP", "LOCK", "CACHE"])
+        _print_table(rows, ["STEP", "OP", "LOCK", "CACHE", "KEY", "DIGEST"])
+        print()
+        for n in notes:
+            print(f"note: {n}")
     return 0
 
 
-def _entry_for(p, store, step: str):
-    from weightflow.dsl.engine.planner import plan
+def _view_warn(m: str) -> None:
+    _err(f"warning: {m}")
 
-    statuses = {s.name: s for s in plan(p, store, [step])}
-    s = statuses[step]
-    if s.status != "cached":
-        raise WeightflowError(f"step '{step}' has no cached output ({s.reason or s.status}); "
-                              f"run `weightflow run {p.path.name} --target {step}` first")
-    return store.lookup(s.key), statuses
+
+def _entry_for(p, store, step: str, verify: bool = True):
+    """The store entry the lock file names for ``step`` (``verify``: its content checked
+    against its digest, a corrupted one discarded), and the lock's entries.  Reads the
+    lock file and the store only: no input is fingerprinted, no key recomputed."""
+    from weightflow.dsl.lang import graph
+    from weightflow.dsl.present.report import NOT_LOCKED, locked_steps
+    from weightflow.dsl.store import lockfile
+
+    s = locked_steps(p, store, [step], touch=True, verify=verify, warn=_view_warn)[step]
+    rerun = f"run `weightflow run {p.path.name} --target {step}` first"
+    if s.state == NOT_LOCKED:
+        raise WeightflowError(f"step '{step}' has no cached output: it is not in the lock file "
+                              f"{p.lock_path.name} (the pipeline has not run it); {rerun}")
+    if s.entry is None and not s.corrupted:
+        raise WeightflowError(f"step '{step}' has no cached output: {p.lock_path.name} names key "
+                              f"{s.key[:12]}, which the store {store.root} does not hold "
+                              f"(removed by gc, or another --cache-dir?); {rerun}")
+    if s.entry is None:
+        raise WeightflowError(f"step '{step}' has no cached output: {s.reason}; {rerun}")
+    lock = lockfile.read(p.lock_path)
+    need = graph.needed(p, [step])
+    unlocked = [n for n in p.steps if n in need and n not in lock]
+    if s.op_changed:
+        _err(f"note: {p.lock_path.name} holds the output of op '{s.locked.op}' for step '{step}', "
+             f"but the pipeline now names op '{s.op}': the lock is stale; rerun the pipeline "
+             f"(`weightflow plan {p.path.name}` says what would run)")
+    elif unlocked:
+        _err(f"note: {p.lock_path.name} does not name {', '.join(unlocked)}: it is stale relative to "
+             f"{p.path.name}; `weightflow plan {p.path.name}` says what would run")
+    return s.entry, lock
 
 
 def _summary(entry) -> dict:
@@ -228,11 +269,12 @@ def cmd_show(args) -> int:
     p = _load(args.pipeline, args)
     _check_steps(p, [args.step], "step")
     store = _store(args)
-    entry, statuses = _entry_for(p, store, args.step)
+    entry, lock = _entry_for(p, store, args.step)
 
     def lineage(name: str, depth: int = 0) -> dict:
-        s = statuses[name]
-        node = {"step": name, "op": p.steps[name].op.name, "key": s.key, "digest": s.digest}
+        s = lock.get(name)
+        node: dict = {"step": name, "op": p.steps[name].op.name, "key": s.key if s else None,
+                      "digest": s.digest if s else None}
         srcs = list(dict.fromkeys(e.source for e in p.steps[name].inputs))
         if srcs and depth < 64:
             node["inputs"] = [lineage(x, depth + 1) for x in srcs]
@@ -258,7 +300,7 @@ def cmd_show(args) -> int:
         if summ.get("sparsity") is not None:
             print(f"sparsity  {100 * summ['sparsity']:.2f}% zeros overall")
     if meta.get("base"):
-        names = {st.digest: n for n, st in statuses.items() if st.digest}
+        names = {st.digest: n for n, st in lock.items() if n in p.steps}
         print(f"base      {meta['base']}" + (f" (step '{names[meta['base']]}')" if meta["base"] in names else ""))
     if summ.get("per_tensor") and (entry.kind == "Delta" or args.tensors):
         extra = meta.get("tensors") if isinstance(meta.get("tensors"), dict) else {}
@@ -298,11 +340,15 @@ def cmd_export(args) -> int:
     p = _load(args.pipeline, args)
     _check_steps(p, [args.step], "step")
     store = _store(args)
-    entry, _ = _entry_for(p, store, args.step)
+    entry, _ = _entry_for(p, store, args.step, verify=False)
     where = {"store_root": store.root, "pipeline_dir": p.base_dir, "force": args.force}
     preflight_export(args.dir, **where)  # a target it may not replace fails before the re-hash
-    if not store.verify(entry):
-        raise WeightflowError(f"the cached output of '{args.step}' is corrupted; rerun the pipeline")
+    if not store.verify(entry, deep=True if p.verify == "always" else None):
+        store.discard(entry)  # as `run` would: the next run recomputes it
+        raise WeightflowError(f"step '{args.step}' has no cached output: its stored output "
+                              f"(object {entry.digest[:12]}) is corrupted, its content no longer "
+                              f"matches its digest, and was discarded; run `weightflow run "
+                              f"{p.path.name} --target {args.step}` to recompute it")
     if export_artifact(entry.path, Path(args.dir), entry.manifest, **where):
         print(f"exported {args.step} ({entry.digest[:12]}) -> {args.dir}")
     else:
@@ -314,7 +360,7 @@ def cmd_report(args) -> int:
     from weightflow.dsl.present.report import render
 
     p = _load(args.pipeline, args)
-    done = render(p, _store(args), Path(args.out) if args.out else None)
+    done = render(p, _store(args), Path(args.out) if args.out else None, warn=_view_warn)
     if args.json:
         print(json.dumps({"pipeline": str(p.path), "files": done["files"],
                           "reports": done["reports"]}, indent=1))
@@ -477,8 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--mermaid", action="store_true")
     g.add_argument("--dot", action="store_true")
-    add("status", cmd_status, "compare the pipeline with its lock file and the cache", cache=True)
-    sp = add("show", cmd_show, "a step's manifest, summary and lineage", cache=True)
+    sp = add("status", cmd_status, "compare the pipeline with its lock file and the store (reads "
+             "only; `plan` recomputes keys)", cache=True)
+    sp.description = (
+        "Say, for each step, whether the lock file names it and whether the store holds the "
+        "lock's entry.  Reads the lock file and the store only: no input is fingerprinted and "
+        "no network is used, so the lock may be stale relative to the pipeline file (an edited "
+        "recipe or a changed model shows only when keys are recomputed).  `weightflow plan` is "
+        "the command that recomputes keys and says what would run; `weightflow verify` checks "
+        "the stored content.")
+    sp = add("show", cmd_show, "a step's manifest, summary and lineage (the output its lock entry "
+             "names)", cache=True)
     sp.add_argument("step")
     sp.add_argument("--tensors", action="store_true", help="per-tensor table for models too")
     sp = add("export", cmd_export, "write a step's output as a normal model directory", cache=True,

@@ -30,13 +30,13 @@ from weightflow.dsl.lang.spec import (
     FiniteFloat,
     Kind,
     ModelRef,
-    OpParams,
     OpSpec,
+    SeedParam,
 )
 from weightflow.ops.lib.params import Calibration
 
 
-class DareParams(OpParams):
+class DareParams(SeedParam):
     delta: DeltaRef = Field(description="step producing the delta to prune")
     drop_rate: FiniteFloat = Field(description="fraction p of elements to drop, 0 <= p < 1")
     seed: int | None = Field(None, ge=0, description="mask seed (default: the pipeline's)")
@@ -112,11 +112,12 @@ def _auto_q(inputs, params: DareParams, ctx, delta, names) -> dict[str, float]:
     import transformers
 
     from weightflow.ops.lib.calibration import linear_input_means, windows
+    from weightflow.ops.lib.models import quiet_transformers
 
     model_art = inputs["model"]
-    transformers.utils.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_art.path, dtype=torch.float32,
-                                                              use_safetensors=True, trust_remote_code=False)
+    with quiet_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_art.path, dtype=torch.float32,
+                                                                  use_safetensors=True, trust_remote_code=False)
     model.eval()
     max_len = getattr(model.config, "max_position_embeddings", None)
     cal = params.calibration
@@ -215,4 +216,4 @@ def run(inputs, params: DareParams, ctx) -> dict:
     }
 
 
-OP = OpSpec(name="dare-prune", version=1, output=Kind.DELTA, params=DareParams, run=run, doc=__doc__)
+OP = OpSpec[DareParams](name="dare-prune", version=1, output=Kind.DELTA, params=DareParams, run=run, doc=__doc__)

@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
 
 from weightflow.dsl.lang.diagnostics import OpError
-from weightflow.dsl.lang.spec import Kind, ModelRef, OpParams, OpSpec
+from weightflow.dsl.lang.spec import Kind, ModelRef, OpParams, OpSpec, SeedParam
 from weightflow.ops.metrics import METRICS, Metric, MetricParams
 
 REPORT_FORMAT = 1
@@ -73,7 +73,7 @@ def metric_of(item) -> tuple[Metric, MetricParams]:
     return metric, getattr(item, metric.field)
 
 
-class EvaluateParams(OpParams):
+class EvaluateParams(SeedParam):
     """Which models, which metrics."""
 
     models: list[ModelRef] = Field(min_length=1, description="the steps whose models are scored "
@@ -263,5 +263,5 @@ Every metric takes an optional ``label`` (its column group in the report).  The 
 renders every Report of a pipeline as Markdown and HTML with bar charts.
 {_metric_reference()}"""
 
-OP = OpSpec(name="evaluate", version=1, output=Kind.REPORT, params=EvaluateParams, run=run,
-            doc=DOC, fingerprint=fingerprint, preflight=preflight)
+OP = OpSpec[EvaluateParams](name="evaluate", version=1, output=Kind.REPORT, params=EvaluateParams,
+                            run=run, doc=DOC, fingerprint=fingerprint, preflight=preflight)

@@ -59,5 +59,5 @@ def run(inputs, params: ExtractDeltaParams, ctx) -> dict:
     return {"base": base_art.digest, "model": model_art.digest, "tensors": len(names)}
 
 
-OP = OpSpec(name="extract-delta", version=1, output=Kind.DELTA, params=ExtractDeltaParams,
-            run=run, doc=__doc__)
+OP = OpSpec[ExtractDeltaParams](name="extract-delta", version=1, output=Kind.DELTA,
+                                params=ExtractDeltaParams, run=run, doc=__doc__)

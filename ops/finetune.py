@@ -136,5 +136,5 @@ def run(inputs, params: FinetuneParams, ctx) -> dict:
     return meta
 
 
-OP = OpSpec(name="finetune", version=1, output=Kind.MODEL, params=FinetuneParams, run=run, doc=__doc__,
-            preflight=preflight)
+OP = OpSpec[FinetuneParams](name="finetune", version=1, output=Kind.MODEL, params=FinetuneParams, run=run,
+                            doc=__doc__, preflight=preflight)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from weightflow.dsl.lang.diagnostics import OpError
-from weightflow.dsl.lang.spec import Dtype, Kind, OpParams, OpSpec
+from weightflow.dsl.lang.spec import Dtype, DtypeParam, Kind, OpSpec
 from weightflow.ops.lib.layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
 
 HF_PREFIX = "hf:"
@@ -37,7 +37,7 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 TASK_SUFFIX = {"causal-lm": "ForCausalLM", "sequence-classification": "ForSequenceClassification"}
 
 
-class LoadParams(OpParams):
+class LoadParams(DtypeParam):
     """Where the model comes from and how it is presented to later steps."""
 
     source: str | None = Field(None, description="local model directory, 'hf:ORG/NAME@REVISION', "
@@ -241,14 +241,19 @@ def _record(ctx, report: dict, seed: int) -> None:
 
 def _instantiate(params: LoadParams, ctx, src: Path | None, gguf: Path | None, tmp: Path) -> Path:
     """Build the model with transformers and save it (safetensors) into ``tmp``."""
+    from weightflow.ops.lib.models import quiet_transformers
+
+    with quiet_transformers():  # "newly initialized head" is expected here
+        return _build(params, ctx, src, gguf, tmp)
+
+
+def _build(params: LoadParams, ctx, src: Path | None, gguf: Path | None, tmp: Path) -> Path:
     import torch
     import transformers
 
     from weightflow.ops.lib.models import check_loaded
     from weightflow.ops.lib.tensors import Checkpoint
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()  # "newly initialized head" is expected here
     torch.manual_seed(params.init_seed)
     trust = params.trust_remote_code
     extra = {}
@@ -332,7 +337,7 @@ def check_architecture(src: Path, params: LoadParams, ctx) -> None:
     import torch
     import transformers
 
-    from weightflow.ops.lib.models import check_loaded
+    from weightflow.ops.lib.models import check_loaded, quiet_transformers
     from weightflow.ops.lib.tensors import Checkpoint
 
     try:
@@ -342,12 +347,11 @@ def check_architecture(src: Path, params: LoadParams, ctx) -> None:
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         return
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     try:
-        model, info = cls.from_pretrained(src, device_map="meta", use_safetensors=True,
-                                          trust_remote_code=params.trust_remote_code, dtype=torch.float32,
-                                          output_loading_info=True, ignore_mismatched_sizes=True)
+        with quiet_transformers():
+            model, info = cls.from_pretrained(src, device_map="meta", use_safetensors=True,
+                                              trust_remote_code=params.trust_remote_code, dtype=torch.float32,
+                                              output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # transformers cannot build it at all: imported as before, said so
         ctx.warn(f"the tensors of {src} were not checked against {archs[0]} ({_why(exc)})")
         return
@@ -454,7 +458,7 @@ def run(inputs, params: LoadParams, ctx) -> dict:
     return meta
 
 
-OP = OpSpec(
+OP = OpSpec[LoadParams](
     name="load",
     version=1,
     output=Kind.MODEL,

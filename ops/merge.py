@@ -21,6 +21,8 @@ with ``density: 1``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from weightflow.dsl.lang.spec import Kind, OpSpec
 from weightflow.ops.merge_methods import methods, params_union
 
@@ -39,5 +41,6 @@ def run(inputs, params, ctx) -> dict:
     return methods()[params.method](inputs, params, ctx)
 
 
-OP = OpSpec(name="merge", version=2, output=Kind.MODEL, params=MergeParams, run=run, doc=_doc(),
-            discriminator="method")
+# params: a union of every method's params (each typed in its module), tagged by ``method``
+OP = OpSpec[Any](name="merge", version=2, output=Kind.MODEL, params=MergeParams, run=run, doc=_doc(),
+                 discriminator="method")

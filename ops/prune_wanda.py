@@ -31,13 +31,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from weightflow.dsl.lang.diagnostics import OpError
-from weightflow.dsl.lang.spec import Dtype, Kind, ModelRef, OpParams, OpSpec
+from weightflow.dsl.lang.spec import Dtype, DtypeParam, Kind, ModelRef, OpSpec
 from weightflow.ops.lib.params import Calibration
 
 _NM = re.compile(r"^([1-9][0-9]*):([1-9][0-9]*)$")
 
 
-class PruneParams(OpParams):
+class PruneParams(DtypeParam):
     """What to prune, how much, and by which score."""
 
     model: ModelRef = Field(description="the step whose model is pruned")
@@ -171,5 +171,5 @@ def preflight(params: PruneParams, env) -> None:
             raise OpError(f"{path}: line 1 has neither 'input_ids' nor the text field '{cal.text_field}'")
 
 
-OP = OpSpec(name="prune-wanda", version=1, output=Kind.MODEL, params=PruneParams, run=run, doc=__doc__,
-            preflight=preflight)
+OP = OpSpec[PruneParams](name="prune-wanda", version=1, output=Kind.MODEL, params=PruneParams, run=run,
+                         doc=__doc__, preflight=preflight)

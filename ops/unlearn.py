@@ -250,5 +250,6 @@ def run(inputs, params, ctx) -> dict:
     return meta
 
 
-OP = OpSpec(name="unlearn", version=1, output=Kind.MODEL, params=UnlearnParams, run=run, doc=op_doc(METHODS),
-            preflight=preflight)
+# params: built per method registry by ``params_model`` (a TrainParams subclass), so Any here
+OP = OpSpec[Any](name="unlearn", version=1, output=Kind.MODEL, params=UnlearnParams, run=run,
+                 doc=op_doc(METHODS), preflight=preflight)

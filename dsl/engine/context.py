@@ -13,10 +13,13 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from weightflow.dsl.format.checkpoint import ShardedWriter, TensorInfo
 from weightflow.dsl.lang.spec import Kind
+
+if TYPE_CHECKING:
+    from weightflow.dsl.format.sparse import DeltaWriter
 
 META_FILE = "weightflow.json"
 
@@ -44,6 +47,53 @@ class Artifact:
         self.cache.clear()
 
 
+FieldPath = tuple[str | int, ...]
+
+
+class Inputs(Mapping[str, Any]):
+    """The artifacts a step's references name, as its op's ``run(inputs, params, ctx)`` gets them.
+
+    A top-level ref field is an item: ``inputs['model']`` is an ``Artifact``, and a list-valued
+    one, ``inputs['models']``, the list of them in list order; a null field is absent.  Every
+    ref, top-level or inside a nested params model (an ``evaluate`` metric's ``base``), is
+    reachable by its field path in the params (YAML spelling, list items by index):
+    ``inputs.at(('metrics', 2, 'delta_norm', 'base'))``, ``inputs.at(('models', 1))``.
+    """
+
+    def __init__(self, refs: Mapping[FieldPath, Artifact] | None = None) -> None:
+        self._refs: dict[FieldPath, Artifact] = dict(refs or {})
+        top: dict[str, Any] = {}
+        for path, art in self._refs.items():
+            head = path[0]
+            if not isinstance(head, str):
+                raise TypeError(f"a field path starts with a field name, got {path!r}")
+            if len(path) == 1:
+                top[head] = art
+            elif len(path) == 2 and isinstance(path[1], int):  # an item of a list of refs
+                top.setdefault(head, {})[path[1]] = art
+        self._top = {k: [v[i] for i in sorted(v)] if isinstance(v, dict) else v for k, v in top.items()}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._top[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._top)
+
+    def __len__(self) -> int:
+        return len(self._top)
+
+    def at(self, path: FieldPath) -> Artifact:
+        """The artifact of the step named at field path ``path``; KeyError if none is."""
+        return self._refs[tuple(path)]
+
+    def paths(self) -> dict[FieldPath, Artifact]:
+        """Every ref's field path and artifact."""
+        return dict(self._refs)
+
+    def __repr__(self) -> str:
+        return f"Inputs({self._refs!r})"
+
+
 class RunContext:
     """What an op's ``run(inputs, params, ctx)`` may use: output dir, writers, logs."""
 
@@ -61,7 +111,7 @@ class RunContext:
         self._names = names
         self._warn = warn
         self._log = log
-        self.writers: list[ShardedWriter] = []
+        self.writers: list[ShardedWriter | DeltaWriter] = []
 
     def tensor_writer(self, plan: list[TensorInfo], prefix: str = "model",
                       metadata: dict[str, str] | None = None) -> ShardedWriter:
@@ -70,7 +120,7 @@ class RunContext:
         self.writers.append(w)
         return w
 
-    def delta_writer(self, plan: list[TensorInfo], prefix: str = "delta"):
+    def delta_writer(self, plan: list[TensorInfo], prefix: str = "delta") -> DeltaWriter:
         """A writer that stores each tensor dense or sparse (mask + values), automatically."""
         from weightflow.dsl.format.sparse import DeltaWriter
 

@@ -18,9 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from weightflow.dsl.engine.context import META_FILE, Artifact, RunContext
+from weightflow.dsl.engine.context import META_FILE, Artifact, FieldPath, Inputs, RunContext
 from weightflow.dsl.engine.planner import Planner, StepStatus
 from weightflow.dsl.format.checkpoint import (
+    TensorDigest,
     artifact_digest,
     digest_safetensors,
     side_file_digests,
@@ -33,11 +34,12 @@ from weightflow.dsl.lang.diagnostics import (
     WeightflowError,
 )
 from weightflow.dsl.lang.pipeline import Pipeline
+from weightflow.dsl.lang.spec import step_dtype, step_seed
 from weightflow.dsl.store import lockfile
 from weightflow.dsl.store.content import Store, write_atomic
 from weightflow.dsl.store.export import _absolute, export_artifact, preflight_export
 
-DEFAULT_SHARD_BYTES = 2 << 30
+from weightflow.dsl.format.checkpoint import DEFAULT_SHARD_BYTES
 
 
 class FrozenMismatch(WeightflowError):
@@ -235,21 +237,15 @@ class Runner:
     def _execute(self, name: str, key: str, digests: dict[str, str], live: dict[str, Artifact],
                  names: dict[str, str]):
         step = self.p.steps[name]
-        inputs: dict = {}
+        refs: dict[FieldPath, Artifact] = {}
         for edge in step.inputs:
             art = live.get(edge.source)
             if art is None:  # released early or produced by another run: rebuild handle
                 src = self.p.steps[edge.source]
                 art = Artifact(src.op.output, digests[edge.source],
                                self.store.object_path(digests[edge.source]), edge.source)
-            field_name = edge.field[0]
-            if len(edge.field) == 1:
-                inputs[field_name] = art
-            elif len(edge.field) == 2 and isinstance(edge.field[1], int):  # a list of refs
-                inputs.setdefault(field_name, {})[edge.field[1]] = art
-            else:  # a ref inside a nested param model, keyed by its dotted path
-                inputs[".".join(map(str, edge.field))] = art  # e.g. 'metrics.2.delta_norm.base'
-        inputs = {k: ([v[i] for i in sorted(v)] if isinstance(v, dict) else v) for k, v in inputs.items()}
+            refs[tuple(edge.field)] = art  # by field path, e.g. ('metrics', 2, 'delta_norm', 'base')
+        inputs = Inputs(refs)
         if self.planner.deep:  # verify: always -- re-hash every input right before the op reads it
             for source in dict.fromkeys(e.source for e in step.inputs):
                 digest = digests[source]
@@ -260,10 +256,9 @@ class Runner:
                                      "discarded, rerun to recompute it", self._where(name))
         started = time.perf_counter()
         with self.store.staging() as out:
-            seed = getattr(step.params, "seed", None)
-            dtype = getattr(step.params, "dtype", None)
-            ctx = RunContext(step=name, out=out, seed=self.p.seed if seed is None else seed,
-                             dtype=dtype or self.p.dtype,
+            # a step's own seed/dtype only where its params declare them (SeedParam, DtypeParam)
+            ctx = RunContext(step=name, out=out, seed=step_seed(step.params, self.p.seed),
+                             dtype=step_dtype(step.params, self.p.dtype),
                              pipeline_dir=self.p.base_dir, names=names, shard_bytes=self.shard_bytes,
                              show_progress=self.show_progress, warn=self.warn, log=self.log)
             try:
@@ -308,8 +303,8 @@ class Runner:
     def _digest(out: Path, ctx: RunContext, kind: str, meta: dict) -> str:
         doc = json.dumps({"kind": kind, **meta}, indent=1, sort_keys=True) + "\n"
         write_atomic(out / META_FILE, doc.encode())
-        tensors = []
-        written = set()
+        tensors: list[TensorDigest] = []
+        written: set[str] = set()
         for w in ctx.writers:
             tensors.extend(w.digests.values())
             written.update(w.files)

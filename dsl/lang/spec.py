@@ -7,15 +7,23 @@ group.  Fields that name other steps are annotated with ``ModelRef``/``DeltaRef`
 finds them by inspecting the validated params, so an op never parses references
 itself.  Op modules must not import torch at module level: ``validate``, ``plan``,
 ``schema`` and ``ops`` read the specs and must stay fast.
+
+A params class that takes the pipeline's ``seed`` or ``dtype`` as its default says so by
+deriving from ``SeedParam`` / ``DtypeParam`` (and declaring the field, with its own
+description); the runner resolves ``ctx.seed`` / ``ctx.dtype`` from those only.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Generic, Iterator, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+if TYPE_CHECKING:  # the engine imports this module; these are for annotations only
+    from weightflow.dsl.engine.context import Inputs, RunContext
 
 
 class Kind(str, enum.Enum):
@@ -54,35 +62,98 @@ class OpParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+class SeedParam(OpParams):
+    """Params whose ``seed`` field is the step's seed: ``ctx.seed`` is it, or the pipeline's
+    ``seed`` where it is null.  Declares no field itself (so the params' JSON, and the key,
+    are those of the subclass): the subclass declares ``seed: int | None`` with its own
+    description.  Params without this base run with the pipeline's seed."""
+
+    if TYPE_CHECKING:
+        seed: int | None
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        _require_field(cls, "seed", SeedParam)
+
+
+class DtypeParam(OpParams):
+    """Params whose ``dtype`` field is the step's dtype: ``ctx.dtype`` is it, or the pipeline's
+    ``dtype`` where it is null.  Like ``SeedParam``, the subclass declares the field
+    (``dtype: Dtype | None``)."""
+
+    if TYPE_CHECKING:
+        dtype: str | None
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        _require_field(cls, "dtype", DtypeParam)
+
+
+def _require_field(cls: type[BaseModel], name: str, base: type) -> None:
+    if name not in cls.model_fields:
+        raise TypeError(f"{cls.__qualname__} derives from {base.__name__} but declares no "
+                        f"'{name}' field")
+
+
+def step_seed(params: object, default: int) -> int:
+    """The seed a step with ``params`` runs with, given the pipeline's ``default``."""
+    seed = params.seed if isinstance(params, SeedParam) else None
+    return default if seed is None else seed
+
+
+def step_dtype(params: object, default: str) -> str:
+    """The dtype a step with ``params`` runs with, given the pipeline's ``default``."""
+    dtype = params.dtype if isinstance(params, DtypeParam) else None
+    return dtype or default
+
+
+class OpEnv(Protocol):
+    """What ``fingerprint`` and ``preflight`` hooks get (no torch, no model loading)."""
+
+    base_dir: Path
+
+    def file_digest(self, path: Any) -> str: ...
+
+    def data_path(self, path: str) -> Path: ...
+
+
+P = TypeVar("P")
+
+
 @dataclass(frozen=True)
-class OpSpec:
+class OpSpec(Generic[P]):
     """An op as registered: the registry maps ``name`` to one of these.
 
     ``params`` is a pydantic model, or a discriminated union of models (then
-    ``discriminator`` names the tag field, e.g. merge's ``method``).  ``run`` is
-    called as ``run(inputs, params, ctx)``; it writes its artifact into
-    ``ctx.out`` and returns a dict of metadata.  Bump ``version`` whenever the op's
-    output for the same inputs changes: the version is part of every step key.
+    ``discriminator`` names the tag field, e.g. merge's ``method``); ``P`` is the type
+    of a validated params instance, so declare an op as ``OpSpec[MyParams](...)`` and
+    mypy checks ``run``, ``fingerprint`` and ``preflight`` against it.  ``run`` is
+    called as ``run(inputs, params, ctx)`` (``inputs``: the ``Inputs`` of the step's
+    refs); it writes its artifact into ``ctx.out`` and returns a dict of metadata.
+    Bump ``version`` whenever the op's output for the same inputs changes: the version
+    is part of every step key.
     """
 
     name: str
     version: int
     output: Kind
-    params: Any
-    run: Callable[..., Any]
+    params: Any  # type[P], or for a union the (annotated) union itself
+    run: Callable[[Inputs, P, RunContext], dict]
     doc: str
     discriminator: str | None = None
     # External inputs (files outside the store, hub revisions): ``fingerprint(params,
     # env)`` returns a JSON-able dict that enters the key; ``env`` offers
     # ``file_digest(path)`` (memoised) and ``base_dir``.  Must not import torch.
-    fingerprint: Callable[..., dict] | None = None
+    fingerprint: Callable[[P, OpEnv], dict | None] | None = None
     # Params left out of the key because ``fingerprint`` covers their content (a
     # load's ``source`` path: moving the model directory must not invalidate it).
     key_exclude: tuple[str, ...] = ()
     # Cheap checks of external inputs run before any step of the pipeline executes
     # (a data file's fields, label names): ``preflight(params, env)`` raises OpError,
     # reported at the step's line.  ``env`` is the same as for ``fingerprint``.
-    preflight: Callable[..., None] | None = None
+    preflight: Callable[[P, OpEnv], None] | None = None
 
     @property
     def adapter(self) -> TypeAdapter:

@@ -4,8 +4,13 @@
 pipeline and renders them all: Markdown (printed, and written to a file) and one
 self-contained HTML page with a bar chart per metric column, models side by side
 (inline SVG, no scripts, no external assets).  A report stores models by content
-digest; names and step keys come from the pipeline as it is now, so a renamed step is
-shown under its new name.  Torch-free.
+digest; names come from the pipeline as it is now and keys from its lock file, so a
+renamed step is shown under its new name once the pipeline was rerun.  Torch-free.
+
+``locked_steps`` is how every view (``show``, ``report``, ``export``, ``status``) finds a
+step's output: the lock file names its key and the store holds (or lacks) its entry.
+Views never fingerprint inputs (no hashing of model files, no hub calls): what would
+run is ``weightflow plan``'s business.
 """
 
 from __future__ import annotations
@@ -13,10 +18,17 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from weightflow.dsl.lang.diagnostics import WeightflowError
 from weightflow.dsl.lang.spec import Kind
+
+if TYPE_CHECKING:
+    from weightflow.dsl.store.content import Entry
+    from weightflow.dsl.store.lockfile import LockEntry
 
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac"]
@@ -24,25 +36,115 @@ PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b
 
 # -- collecting ---------------------------------------------------------------------------
 
-def collect(pipeline, store) -> list[dict]:
-    """Every Report step of ``pipeline``, in order: its report (if cached) and its models'
-    current step names, keys and digests."""
-    from weightflow.dsl.engine.planner import plan
+# The states of a step as the views see it.
+CACHED = "cached"          # locked, and the lock's entry is in the store
+MISSING = "missing"        # locked, but the store has no entry for the lock's key
+CORRUPTED = "corrupted"    # locked, but the entry's content no longer has its digest
+NOT_LOCKED = "not locked"  # not in the lock file: the pipeline has not run it yet
 
-    statuses = {s.name: s for s in plan(pipeline, store)}
-    out = []
+REASONS = {CACHED: "", MISSING: "locked but missing from the store",
+           CORRUPTED: "its stored output is corrupted and was discarded",
+           NOT_LOCKED: "not in the lock file"}
+
+
+@dataclass(frozen=True)
+class LockedStep:
+    """A step of the pipeline as its lock file and the store know it."""
+
+    name: str
+    op: str                    # the op the pipeline names now
+    locked: LockEntry | None   # None when the lock file lacks the step
+    entry: Entry | None        # the store's entry for the lock's key, or None
+    corrupted: bool = False
+
+    @property
+    def state(self) -> str:
+        if self.locked is None:
+            return NOT_LOCKED
+        if self.entry is not None:
+            return CACHED
+        return CORRUPTED if self.corrupted else MISSING
+
+    @property
+    def reason(self) -> str:
+        return REASONS[self.state]
+
+    @property
+    def key(self) -> str | None:
+        return self.locked.key if self.locked else None
+
+    @property
+    def digest(self) -> str | None:
+        return self.locked.digest if self.locked else None
+
+    @property
+    def op_changed(self) -> bool:
+        """The lock's entry was made by another op than the pipeline names now."""
+        return self.locked is not None and self.locked.op != self.op
+
+
+def locked_steps(pipeline, store, names=None, touch: bool = False, verify: bool = False,
+                 warn: Callable[[str], None] | None = None) -> dict[str, LockedStep]:
+    """The pipeline's steps (or only ``names``), in pipeline order, each with its lock
+    entry and, when the store has it, the store entry of the lock's key.
+
+    Reads the lock file and the store only: no input is fingerprinted, no network is
+    used and no key is recomputed, so the answer describes the last run (the lock may be
+    stale relative to the YAML; ``weightflow plan`` says what would run).  ``touch``
+    counts the looked-up entries as used (for ``gc``); ``verify`` checks each entry's
+    content against its digest (re-hashing as ``verify:``/``WEIGHTFLOW_VERIFY`` say) and
+    discards a corrupted one, as ``run`` would.
+    """
+    from weightflow.dsl.store import lockfile
+
+    lock = lockfile.read(pipeline.lock_path)
+    wanted = set(pipeline.steps if names is None else names)
+    deep = True if getattr(pipeline, "verify", None) == "always" else None
+    out = {}
     for name, step in pipeline.steps.items():
-        if step.op.output != Kind.REPORT:
+        if name not in wanted:
             continue
-        s = statuses[name]
-        doc = {"step": name, "op": step.op.name, "status": s.status, "key": s.key, "digest": s.digest,
+        locked = lock.get(name)
+        entry = store.lookup(locked.key, warn=warn, touch=touch) if locked else None
+        corrupted = False
+        if entry is not None and verify and not store.verify(entry, deep=deep):
+            if warn:
+                warn(f"the stored output of step '{name}' (key {entry.key[:12]}, object "
+                     f"{entry.digest[:12]}) is corrupted: its content no longer matches its "
+                     "digest; discarding it (rerun the pipeline to recompute it)")
+            store.discard(entry)
+            entry, corrupted = None, True
+        out[name] = LockedStep(name, step.op.name, locked, entry, corrupted)
+    return out
+
+
+def lock_only_steps(pipeline) -> list[str]:
+    """Steps the lock file names that the pipeline no longer has (renamed or removed)."""
+    from weightflow.dsl.store import lockfile
+
+    return [n for n in lockfile.read(pipeline.lock_path) if n not in pipeline.steps]
+
+
+def collect(pipeline, store, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """Every Report step of ``pipeline``, in order: its report (when the lock names an
+    entry the store holds) and its models' current step names, locked keys and digests.
+    Reads the lock file and the store only (see ``locked_steps``)."""
+    from weightflow.dsl.store import lockfile
+
+    names = [n for n, step in pipeline.steps.items() if step.op.output == Kind.REPORT]
+    reports = locked_steps(pipeline, store, names, touch=True, verify=True, warn=warn)
+    lock = lockfile.read(pipeline.lock_path)
+    out = []
+    for name in names:
+        s = reports[name]
+        doc = {"step": name, "op": s.op, "status": s.state, "key": s.key, "digest": s.digest,
                "reason": s.reason, "report": None, "models": []}
-        sources = [e.source for e in step.inputs if e.field and e.field[0] == "models"]
-        doc["models"] = [{"step": m, "key": statuses[m].key, "digest": statuses[m].digest} for m in sources]
-        if s.status == "cached":
-            entry = store.lookup(s.key)
+        sources = [e.source for e in pipeline.steps[name].inputs if e.field and e.field[0] == "models"]
+        doc["models"] = [{"step": m, "key": lock[m].key if m in lock else None,
+                          "digest": lock[m].digest if m in lock else None} for m in sources]
+        if s.entry is not None:
             try:
-                doc["report"] = json.loads((entry.path / "report.json").read_text())
+                doc["report"] = json.loads((s.entry.path / "report.json").read_text())
             except (OSError, ValueError) as exc:
                 raise WeightflowError(f"step '{name}': cannot read its report: {exc}") from None
             rep_models = doc["report"].get("models") or []
@@ -237,9 +339,10 @@ def html_page(pipeline_name: str, reports: list[dict]) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def render(pipeline, store, out_dir: Path | None = None) -> dict:
+def render(pipeline, store, out_dir: Path | None = None,
+           warn: Callable[[str], None] | None = None) -> dict:
     """Collect, render and write ``<stem>.report.md`` / ``.report.html``; returns what was done."""
-    reports = collect(pipeline, store)
+    reports = collect(pipeline, store, warn)
     if not reports:
         raise WeightflowError(f"{pipeline.path.name} has no evaluate step (no step produces a Report)")
     if all(r["report"] is None for r in reports):

@@ -24,12 +24,12 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from weightflow.dsl.lang.spec import DeltaRef, Dtype, FiniteFloat, ModelRef, OpParams
+from weightflow.dsl.lang.spec import DeltaRef, Dtype, DtypeParam, FiniteFloat, ModelRef, SeedParam
 from weightflow.ops.lib.params import PerTensor, check_range
 
 # -- params shared by the methods ---------------------------------------------------------
 
-class MergeCommon(OpParams):
+class MergeCommon(DtypeParam):
     """What every merge method takes."""
 
     dtype: Dtype | None = Field(None, description="dtype of the merged weights (default: pipeline dtype)")
@@ -66,7 +66,7 @@ def densities(value: PerTensor) -> list[float]:
     return [value] if isinstance(value, (int, float)) else [r.value for r in value]
 
 
-class DareParams(DeltaMergeParams):
+class DareParams(DeltaMergeParams, SeedParam):
     """The DARE selection's parameters (dare-ties, dare-linear)."""
 
     density: PerTensor = Field(description="DARE keep probability 1 - p, in (0, 1]")

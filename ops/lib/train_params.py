@@ -20,7 +20,7 @@ from typing import Literal, Union
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from weightflow.dsl.lang.diagnostics import OpError
-from weightflow.dsl.lang.spec import Dtype, FiniteFloat, OpParams
+from weightflow.dsl.lang.spec import Dtype, DtypeParam, FiniteFloat, OpParams, SeedParam
 from weightflow.ops.lib.data import SUFFIXES, read_records, require_fields
 
 TASKS = ("causal-lm", "sequence-classification")
@@ -103,7 +103,7 @@ class LoraParams(AliasedParams):
         return v
 
 
-class TrainParams(AliasedParams):
+class TrainParams(AliasedParams, SeedParam, DtypeParam):
     """Keys shared by every training op: data mapping, optimisation, LoRA, output dtype."""
 
     task: Task = Field("auto", description="causal-lm | sequence-classification; auto: from the "

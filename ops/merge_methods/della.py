@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from weightflow.dsl.lang.spec import FiniteFloat
+from weightflow.dsl.lang.spec import FiniteFloat, SeedParam
 from weightflow.ops.lib.merging import (
     DeltaMergeParams,
     DeltaRecipe,
@@ -19,7 +19,7 @@ from weightflow.ops.lib.params import PerTensor
 from weightflow.ops.merge_methods import MergeMethod
 
 
-class DellaParams(DeltaMergeParams):
+class DellaParams(DeltaMergeParams, SeedParam):
     """Keep each element with a probability ranked by magnitude within its row, from
     density − epsilon (smallest) to density + epsilon (largest), rescale the survivors,
     then TIES sign consensus (or a plain sum with `sign_consensus: false`)."""

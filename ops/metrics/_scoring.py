@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from weightflow.dsl.engine.context import Artifact, Inputs
 from weightflow.dsl.lang.diagnostics import OpError
 from weightflow.ops.lib import models
 from weightflow.ops.lib.data import read_records
@@ -21,22 +22,22 @@ from weightflow.ops.lib.data import read_records
 class Subject:
     """One model under evaluation: its artifact, and the model/tokenizer loaded on demand."""
 
-    art: object
+    art: Artifact
     device: str
-    inputs: dict  # the evaluate step's inputs; read nested refs through ``ref``
+    inputs: Inputs  # the evaluate step's inputs; read nested refs through ``ref``
     metric_index: int = 0  # which entry of ``metrics`` is being computed
     metric_name: str = ""
     _model: object = None
     _tok: object = None
     _tok_loaded: bool = False
 
-    def ref(self, field: str):
+    def ref(self, field: str) -> Artifact:
         """The artifact of the step named by param ``field`` of the metric being computed.
 
-        The one place that knows how the executor passes refs inside ``metrics`` items: as
-        inputs keyed by their dotted YAML path, e.g. ``'metrics.2.delta_norm.base'``.
+        The one place that knows where refs inside ``metrics`` items are: at their field path,
+        e.g. ``('metrics', 2, 'delta_norm', 'base')``.
         """
-        return self.inputs[f"metrics.{self.metric_index}.{self.metric_name}.{field}"]
+        return self.inputs.at(("metrics", self.metric_index, self.metric_name, field))
 
     @property
     def path(self) -> Path:
