@@ -6,4 +6,6 @@ CLI) and ``ops/`` becomes ``weightflow.ops`` (one module per operation).  This t
 folder only holds the package root, so ``python -m weightflow`` works.
 """
 
+# The one version source: pyproject.toml reads it ([tool.setuptools.dynamic]); anything that
+# reports the version uses this or importlib.metadata.version("weightflow").
 __version__ = "0.1.0"

@@ -15,16 +15,17 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 import blake3
 
-ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}
+from weightflow.dsl.format.dtypes import ITEMSIZE
+
+#: Shards are cut before a tensor that would take a shard past this many bytes.
+DEFAULT_SHARD_BYTES = 2 << 30
 INDEX_SUFFIX = ".safetensors.index.json"
 # Files in an artifact directory that are not content (they are derived from the
 # tensors and their layout), so they are left out of the digest.
@@ -109,7 +110,7 @@ class ShardedWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, plan: Sequence[TensorInfo], prefix: str = "model",
-                 max_shard_bytes: int = 2 << 30, metadata: dict[str, str] | None = None):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
@@ -138,7 +139,7 @@ class ShardedWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
             start = 8 + len(raw)
-            fh = open(self.out_dir / fname, "wb+")
+            fh = open(self.out_dir / fname, "wb+")  # noqa: SIM115 (closed by close() or abort())
             fh.write(struct.pack("<Q", len(raw)))
             fh.write(raw)
             fh.truncate(start + off)
@@ -147,7 +148,7 @@ class ShardedWriter:
             self.files.append(fname)
             self._handles.append(fh)
         self.digests: dict[str, TensorDigest] = {}
-        self._partial: dict[str, tuple[int, object]] = {}  # name -> (bytes written, hasher)
+        self._partial: dict[str, tuple[int, Any]] = {}  # name -> (bytes written, blake3 hasher)
 
     def write(self, name: str, data) -> None:
         """Write one planned tensor's raw bytes (any buffer, C-contiguous)."""
@@ -243,7 +244,7 @@ def check_header(header, start: int, size: int, path) -> None:
                 and 0 <= offs[0] <= offs[1]):
             raise HeaderError(path, f"tensor '{name}': data_offsets {offs!r} are not [begin, end] with "
                                     "0 <= begin <= end")
-        nbytes = TensorInfo(name, dtype, tuple(shape)).nbytes
+        nbytes = TensorInfo(name, str(dtype), tuple(shape)).nbytes
         if offs[1] - offs[0] != nbytes:
             raise HeaderError(path, f"tensor '{name}': data_offsets {offs} span {offs[1] - offs[0]} bytes, "
                                     f"but {dtype} {shape} takes {nbytes}")
@@ -253,7 +254,7 @@ def check_header(header, start: int, size: int, path) -> None:
         if nbytes:
             ranges.append((offs[0], offs[1], name))
     ranges.sort()
-    for (a0, a1, a), (b0, b1, b) in zip(ranges, ranges[1:]):
+    for (a0, a1, a), (b0, b1, b) in zip(ranges, ranges[1:], strict=False):
         if b0 < a1:
             raise HeaderError(path, f"tensors '{a}' {[a0, a1]} and '{b}' {[b0, b1]} overlap in the file")
 

@@ -5,8 +5,12 @@ stored inside the safetensors file as two tensors, ``W::mask`` (U8, the nonzero
 pattern packed 8 elements a byte, little-endian bit order) and ``W::values`` (the
 nonzero values in row-major order), and the file's ``__metadata__`` key
 ``weightflow.sparse`` lists the logical dtype and shape of every such tensor.  At
-density 0.1 a float32 tensor takes 1/32 + 0.1 ≈ 13% of its dense size.  Readers
-(``ops.lib.tensors.Checkpoint``) rebuild dense row chunks, so no op sees the encoding.
+density 0.1 a float32 tensor takes 1/32 + 0.1 ≈ 13% of its dense size.
+
+This module is the only place that knows the encoding: ``encode``/``decode`` (numpy),
+``sparse_specs``/``sparse_tensors`` (the header), and ``SparseReader``, which rebuilds
+dense element ranges for ``ops.lib.tensors.Checkpoint`` (so no op sees the encoding)
+and hands the stored values to ``weightflow show``.
 
 The writer cannot know a tensor's density before it has seen all of it, so each
 tensor is spilled to a temporary file while counting nonzeros; when complete it is
@@ -20,30 +24,85 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import blake3
 
 from weightflow.dsl.format.checkpoint import (
-    ITEMSIZE,
+    DEFAULT_SHARD_BYTES,
     HeaderError,
     TensorDigest,
     TensorInfo,
 )
+from weightflow.dsl.format.dtypes import ITEMSIZE, READABLE, storage_dtype
 
 SPARSE_META = "weightflow.sparse"
 MASK_SUFFIX = "::mask"
 VALUES_SUFFIX = "::values"
 SPARSE_BELOW = 0.75  # store sparse when that takes under 75% of the dense bytes
 _CHUNK = 1 << 22     # elements per conversion step (a multiple of 8: whole mask bytes)
-_NP_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I64": "int64", "I32": "int32",
-              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
+_COUNT_STEP = 1 << 26  # mask bits counted per read when a reader jumps backwards
 
 # Logical dtypes a sparse tensor may have (those the readers decode).
-SPARSE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+SPARSE_DTYPES = READABLE
+
+# Arrays below hold a dtype's *stored bytes* (``dtypes.storage_dtype``): bfloat16 is
+# its uint16 bit pattern, since numpy has no bfloat16.
+
+
+def nonzero(arr, dtype: str):
+    """Which elements of ``arr`` (stored bytes of ``dtype``) the mask keeps: x != 0, so
+    -0.0 counts as zero for every float dtype (bfloat16 by its bit pattern)."""
+    if dtype == "BF16":
+        return (arr & 0x7FFF) != 0
+    return arr != 0
+
+
+def encode(arr, dtype: str) -> tuple[bytes, bytes]:
+    """The mask and values bytes of the flat array ``arr`` (stored bytes of ``dtype``).
+
+    Encodings of consecutive pieces concatenate to the encoding of the whole when every
+    piece but the last has a multiple of 8 elements (whole mask bytes).
+    """
+    import numpy as np
+
+    nz = nonzero(arr, dtype)
+    return np.packbits(nz, bitorder="little").tobytes(), arr[nz].tobytes()
+
+
+def decode(mask, values, numel: int, start: int = 0):
+    """Dense elements ``[start, start + numel)`` from ``mask`` (packed bytes, beginning at
+    the byte holding element ``start``) and their values (a numpy array, which sets
+    the dtype).  ``values`` must hold exactly the set bits of that range."""
+    return _fill(_unpack(mask, start, numel), values, numel)
+
+
+def _unpack(mask, start: int, numel: int):
+    """The mask bits of elements [start, start + numel) as bools; ``mask`` begins at the
+    byte holding element ``start``."""
+    import numpy as np
+
+    first = start % 8
+    return np.unpackbits(np.frombuffer(mask, np.uint8), bitorder="little")[first:first + numel].view(bool)
+
+
+def _fill(keep, values, numel: int):
+    import numpy as np
+
+    set_bits = int(np.count_nonzero(keep))
+    if keep.size != numel or set_bits != values.size:
+        raise ValueError(f"{values.size} values for a mask of {keep.size} elements with {set_bits} set; "
+                         f"{numel} elements expected")
+    out = np.zeros(numel, dtype=values.dtype)
+    out[keep] = values
+    return out
+
+
+def sparse_parts(specs) -> set[str]:
+    """The stored tensor names (``W::mask``, ``W::values``) of the sparse tensors ``specs``."""
+    return {n + suffix for n in specs for suffix in (MASK_SUFFIX, VALUES_SUFFIX)}
 
 
 def sparse_specs(header: dict, path) -> dict[str, dict]:
@@ -73,10 +132,13 @@ def sparse_specs(header: dict, path) -> dict[str, dict]:
             raise HeaderError(path, f"{what}: shape {shape!r} is not a list of non-negative integers")
         if name in header:
             raise HeaderError(path, f"{what} is also stored as a dense tensor")
-        mask, values = header.get(name + MASK_SUFFIX), header.get(name + VALUES_SUFFIX)
-        for part, m in ((MASK_SUFFIX, mask), (VALUES_SUFFIX, values)):
+        stored: dict[str, dict] = {}
+        for part in (MASK_SUFFIX, VALUES_SUFFIX):
+            m = header.get(name + part)
             if not isinstance(m, dict):
                 raise HeaderError(path, f"{what}: the file has no '{name}{part}' tensor")
+            stored[part] = m
+        mask, values = stored[MASK_SUFFIX], stored[VALUES_SUFFIX]
         numel = _numel(shape)
         nb = (numel + 7) // 8
         if mask.get("dtype") != "U8" or mask.get("shape") != [nb]:
@@ -94,6 +156,104 @@ def sparse_specs(header: dict, path) -> dict[str, dict]:
     return specs
 
 
+@dataclass(frozen=True)
+class SparseTensor:
+    """Where one mask + values tensor lies in its file (absolute byte offsets)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    mask_offset: int
+    values_offset: int
+    nnz: int  # stored values
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    @property
+    def stored_bytes(self) -> int:
+        return (self.numel + 7) // 8 + self.nnz * ITEMSIZE[self.dtype]
+
+
+def sparse_tensors(header: dict, start: int, path) -> dict[str, SparseTensor]:
+    """The sparse tensors of a safetensors file, from its header (``read_header``'s
+    header and data start), checked by ``sparse_specs``."""
+    out = {}
+    for name, spec in sparse_specs(header, path).items():
+        mask, values = header[name + MASK_SUFFIX], header[name + VALUES_SUFFIX]
+        out[name] = SparseTensor(name, spec["dtype"], tuple(spec["shape"]), Path(path),
+                                 start + mask["data_offsets"][0], start + values["data_offsets"][0],
+                                 values["shape"][0])
+    return out
+
+
+class SparseDataError(ValueError):
+    """A sparse tensor whose mask sets a different number of bits than it has values."""
+
+    def __init__(self, t: SparseTensor, detail: str):
+        super().__init__(f"sparse tensor '{t.name}' in {t.file}: {detail}")
+        self.tensor, self.detail = t, detail
+
+
+Read = Callable[[int, int], bytes]  # (absolute offset, length) -> that many bytes of the file
+
+
+class SparseReader:
+    """Dense element ranges of one sparse tensor, read through ``read``.
+
+    Sequential ranges (row chunks in order) cost one pass over the mask; a jump back
+    recounts the bits before it.  The count of mask bits is checked against the number
+    of values as far as the mask has been read, and in full at the end.
+    """
+
+    def __init__(self, tensor: SparseTensor):
+        self.tensor = tensor
+        self._cursor = (0, 0)  # (element position, nonzeros before it) of the last read
+
+    def dense(self, read: Read, s: int, e: int):
+        """Elements ``[s, e)`` of the flat tensor, as a numpy array of its stored bytes."""
+        import numpy as np
+
+        t = self.tensor
+        if self._cursor[0] != s:
+            self._cursor = (s, self._count_bits(read, 0, s))
+        b0, b1 = s // 8, (e + 7) // 8
+        keep = _unpack(read(t.mask_offset + b0, b1 - b0), s, e - s)
+        k = int(np.count_nonzero(keep))
+        done = self._cursor[1]
+        seen = done + k
+        if seen > t.nnz or (e == t.numel and seen != t.nnz):
+            upto = "" if e == t.numel else f" in its first {e} elements"
+            raise SparseDataError(t, f"its mask sets {seen} bits{upto} but it has {t.nnz} values")
+        dtype = storage_dtype(t.dtype)
+        item = ITEMSIZE[t.dtype]
+        values = np.frombuffer(read(t.values_offset + done * item, k * item), dtype=dtype)
+        self._cursor = (e, seen)
+        return _fill(keep, values, e - s)
+
+    def values(self, read: Read):
+        """All stored values (numpy, stored bytes of the dtype), mask not consulted."""
+        import numpy as np
+
+        t = self.tensor
+        return np.frombuffer(read(t.values_offset, t.nnz * ITEMSIZE[t.dtype]), dtype=storage_dtype(t.dtype))
+
+    def _count_bits(self, read: Read, s: int, e: int) -> int:
+        import numpy as np
+
+        total, pos = 0, s
+        while pos < e:
+            hi = min(e, pos + _COUNT_STEP)
+            b0, b1 = pos // 8, (hi + 7) // 8
+            bits = np.unpackbits(np.frombuffer(read(self.tensor.mask_offset + b0, b1 - b0), np.uint8),
+                                 bitorder="little")[pos - b0 * 8: pos - b0 * 8 + (hi - pos)]
+            total += int(bits.sum())
+            pos = hi
+        return total
+
+
 @dataclass
 class _Segment:
     name: str       # stored tensor name
@@ -106,7 +266,7 @@ class DeltaWriter:
     """Writes a planned set of tensors, each dense or sparse, into sharded safetensors."""
 
     def __init__(self, out_dir: str | os.PathLike, plan: Sequence[TensorInfo], prefix: str = "delta",
-                 max_shard_bytes: int = 2 << 30):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.max_shard_bytes = max_shard_bytes
@@ -121,19 +281,25 @@ class DeltaWriter:
         self.files: list[str] = []
 
     def append(self, name: str, data) -> None:
-        """Append the next row chunk of tensor ``name`` (a numpy array or CPU torch tensor)."""
+        """Append the next row chunk of tensor ``name`` (a numpy array or CPU torch tensor;
+        for BF16 a torch bfloat16 tensor or a numpy uint16 array of its bit patterns)."""
         import numpy as np
 
         info = self.plan[name]
+        if info.dtype == "BF16" and str(getattr(data, "dtype", "")) == "torch.bfloat16":
+            import torch  # only reached with a torch tensor in hand
+
+            data = data.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
         arr = np.ascontiguousarray(np.asarray(data)).reshape(-1)
-        if arr.dtype != np.dtype(_NP_DTYPES[info.dtype]):
+        if info.dtype not in SPARSE_DTYPES or arr.dtype != storage_dtype(info.dtype):
             raise ValueError(f"tensor '{name}': got {arr.dtype}, planned {info.dtype}")
         if name in self._segments:
             raise ValueError(f"tensor '{name}' written twice")
-        fh, done, nnz = self._open.get(name) or (open(self._spill / f"{len(self._open) + len(self._segments)}.dense", "wb+"), 0, 0)
+        spill = self._spill / f"{len(self._open) + len(self._segments)}.dense"
+        fh, done, nnz = self._open.get(name) or (open(spill, "wb+"), 0, 0)  # noqa: SIM115 (closed in _finish)
         fh.write(arr.tobytes() if arr.size else b"")
         done += arr.size
-        nnz += int(np.count_nonzero(arr))
+        nnz += int(np.count_nonzero(nonzero(arr, info.dtype)))
         numel = _numel(info.shape)
         if done > numel:
             raise ValueError(f"tensor '{name}': {done} elements, planned {numel}")
@@ -158,16 +324,15 @@ class DeltaWriter:
         mask_path = dense_path.with_suffix(".mask")
         values_path = dense_path.with_suffix(".values")
         fh.seek(0)
-        dtype = np.dtype(_NP_DTYPES[info.dtype])
+        dtype = storage_dtype(info.dtype)
         with open(mask_path, "wb") as mf, open(values_path, "wb") as vf:
             while True:
                 raw = fh.read(_CHUNK * item)
                 if not raw:
                     break
-                arr = np.frombuffer(raw, dtype=dtype)
-                nz = arr != 0
-                mf.write(np.packbits(nz, bitorder="little").tobytes())
-                vf.write(arr[nz].tobytes())
+                mask, values = encode(np.frombuffer(raw, dtype=dtype), info.dtype)
+                mf.write(mask)
+                vf.write(values)
         fh.close()
         dense_path.unlink()
         self.sparse[name] = {"dtype": info.dtype, "shape": list(info.shape)}

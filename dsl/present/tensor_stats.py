@@ -7,54 +7,52 @@ parameter count, dtypes, and sparsity (overall and per tensor).
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 from pathlib import Path
 
 from weightflow.dsl.format.checkpoint import read_header
-from weightflow.dsl.format.sparse import MASK_SUFFIX, SPARSE_META, VALUES_SUFFIX
-
-_NP = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
-       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+from weightflow.dsl.format.dtypes import FLOAT_CODES, ITEMSIZE, as_float
+from weightflow.dsl.format.sparse import SparseReader, sparse_parts, sparse_tensors
 
 
-def _values(mm, start: int, meta: dict):
-    """Stored values of one safetensors entry as float64 numpy (BF16 widened by hand)."""
+def _float64(raw, dtype: str):
+    """Stored values (a buffer of ``dtype``) as float64 numpy."""
     import numpy as np
 
-    a, b = meta["data_offsets"]
-    raw = np.frombuffer(mm, dtype=np.uint8, count=b - a, offset=start + a)
-    if meta["dtype"] == "BF16":
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return raw.view(_NP[meta["dtype"]]).astype(np.float64)
+    return as_float(raw, dtype).astype(np.float64)
 
 
 def tensor_stats(directory: Path) -> list[dict]:
     """One row per logical tensor: name, shape, dtype, storage, density, l2, stored bytes."""
+    import numpy as np
+
     rows = []
     for f in sorted(Path(directory).glob("*.safetensors")):
         header, start = read_header(f)
-        sparse = json.loads((header.get("__metadata__") or {}).get(SPARSE_META, "{}"))
+        sparse = sparse_tensors(header, start, f)
         with open(f, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             try:
-                for name, spec in sparse.items():
-                    vals = _values(mm, start, header[name + VALUES_SUFFIX])
-                    numel = math.prod(spec["shape"])
-                    stored = sum(header[name + s]["data_offsets"][1] - header[name + s]["data_offsets"][0]
-                                 for s in (MASK_SUFFIX, VALUES_SUFFIX))
-                    rows.append({"name": name, "shape": spec["shape"], "dtype": spec["dtype"],
+                def read(offset: int, n: int, mm=mm) -> bytes:
+                    return mm[offset:offset + n]
+
+                for name, st in sparse.items():
+                    vals = _float64(SparseReader(st).values(read), st.dtype)
+                    numel = st.numel
+                    rows.append({"name": name, "shape": list(st.shape), "dtype": st.dtype,
                                  "storage": "sparse", "density": (int((vals != 0).sum()) / numel) if numel else 0.0,
-                                 "l2": float((vals ** 2).sum() ** 0.5), "stored_bytes": stored})
+                                 "l2": float((vals ** 2).sum() ** 0.5), "stored_bytes": st.stored_bytes})
+                parts = sparse_parts(sparse)
                 for name, meta in header.items():
-                    if name == "__metadata__" or name.split("::")[0] in sparse:
+                    if name == "__metadata__" or name in parts:
                         continue
                     a, b = meta["data_offsets"]
                     row = {"name": name, "shape": meta["shape"], "dtype": meta["dtype"], "storage": "dense",
                            "stored_bytes": b - a}
-                    if meta["dtype"] in ("F64", "F32", "F16", "BF16"):
-                        vals = _values(mm, start, meta)
+                    if meta["dtype"] in FLOAT_CODES:
+                        vals = _float64(np.frombuffer(mm, dtype=np.uint8, count=b - a, offset=start + a),
+                                        meta["dtype"])
                         row["density"] = float((vals != 0).mean()) if vals.size else 0.0
                         row["l2"] = float((vals ** 2).sum() ** 0.5)
                     rows.append(row)
@@ -74,8 +72,7 @@ def summarize(directory: Path, kind: str) -> dict:
     for r in rows:
         dtypes[r["dtype"]] = dtypes.get(r["dtype"], 0) + numel[r["name"]]
     stored = sum(r["stored_bytes"] for r in rows)
-    dense = sum(numel[r["name"]] * {"F64": 8, "F32": 4, "I64": 8, "I32": 4}.get(r["dtype"], 2 if r["dtype"] in
-                ("F16", "BF16", "I16") else 1) for r in rows)
+    dense = sum(numel[r["name"]] * ITEMSIZE[r["dtype"]] for r in rows)
     out = {"tensors": len(rows), "parameters": total, "dtypes": dtypes,
            "stored_bytes": stored, "dense_bytes": dense,
            "density": nonzero / float_total if float_total else None,

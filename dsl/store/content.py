@@ -693,10 +693,6 @@ class Store:
                     out.append(m)
         return out
 
-    def find_by_digest(self, digest: str) -> Path | None:
-        p = self.object_path(digest)
-        return p if p.is_dir() else None
-
     def collect(self, keep_keys: set[str] = frozenset(), older_than_days: float = 14.0,
                 dry_run: bool = False, now: float | None = None) -> dict:
         """Garbage collection: see ``weightflow gc --help``.

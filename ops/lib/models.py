@@ -13,6 +13,8 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +24,23 @@ from weightflow.dsl.lang.diagnostics import OpError
 # Files of a model directory that describe the weights; everything else in
 # SIDE_FILE_GLOBS (tokenizer, chat template) travels along with a produced model.
 WEIGHT_SIDE_FILES = {"config.json", "generation_config.json"}
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Transformers' logging at errors only and its progress bars off for the block, then
+    both put back as they were (they are process-wide: a library caller's settings stay)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def architectures(model_dir: Path) -> list[str]:
@@ -47,20 +66,19 @@ def load_model(model_dir: Path, device: str = "cpu"):
     """
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     archs = architectures(model_dir)
     cls = getattr(transformers, archs[0], None) if archs else None
     try:
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-            try:
-                transformers.AutoModelForCausalLM._model_mapping[type(config)]
-                cls = transformers.AutoModelForCausalLM
-            except KeyError:
-                cls = transformers.AutoModel
-        model, info = cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
-                                          trust_remote_code=False, output_loading_info=True)
+        with quiet_transformers():
+            if cls is None or not hasattr(cls, "from_pretrained"):
+                config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+                try:
+                    transformers.AutoModelForCausalLM._model_mapping[type(config)]
+                    cls = transformers.AutoModelForCausalLM
+                except KeyError:
+                    cls = transformers.AutoModel
+            model, info = cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                              trust_remote_code=False, output_loading_info=True)
     except Exception as exc:
         raise OpError(f"cannot instantiate the model in {model_dir} ({_why(exc)})") from None
     check_loaded(model, info, None, f"the model in {model_dir}", new_head=False, check_unexpected=False)

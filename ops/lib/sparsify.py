@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import blake3
 import torch
@@ -75,7 +75,7 @@ class TopK:
     _ties_kept: int = 0
 
     @classmethod
-    def fit(cls, chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> "TopK":
+    def fit(cls, chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> TopK:
         """Find the threshold in two passes over ``chunks()`` (a re-iterable source)."""
         if k <= 0:
             return cls(threshold=1 << 62, above=0, k=0)
@@ -129,8 +129,3 @@ def count_for(density: float, numel: int, rounding: str = "floor") -> int:
     if rounding == "round":
         return int(round(density * numel))
     return max(1, int(density * numel)) if numel else 0  # mergekit keeps at least one
-
-
-def chunked(get: Callable[[int | None, int | None], torch.Tensor], ranges: list) -> Iterator[torch.Tensor]:
-    for lo, hi in ranges:
-        yield get(lo, hi)

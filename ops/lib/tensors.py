@@ -9,39 +9,34 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from weightflow.dsl.format.checkpoint import (
     INDEX_SUFFIX,
-    ITEMSIZE,
     HeaderError,
     TensorInfo,
     read_header,
 )
-from weightflow.dsl.format.sparse import MASK_SUFFIX, VALUES_SUFFIX, sparse_specs
+from weightflow.dsl.format.dtypes import CODE_OF_NAME, FLOAT_CODES, ITEMSIZE, TABLE
+from weightflow.dsl.format.sparse import SparseDataError, SparseReader, sparse_parts, sparse_tensors
 from weightflow.dsl.lang.diagnostics import OpError
 from weightflow.ops.lib.layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+# torch's view of the one dtype table (dsl/format/dtypes.py)
+ST_TO_TORCH: dict[str, torch.dtype] = {d.code: getattr(torch, d.torch) for d in TABLE if d.torch is not None}
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
-FLOAT_ST = {"F64", "F32", "F16", "BF16"}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: ST_TO_TORCH[code] for name, code in CODE_OF_NAME.items()}
+FLOAT_ST = FLOAT_CODES
 SIDE_FILE_SKIP = {"weightflow.json"}
 
 
 def st_dtype_of(name: str) -> str:
     """'float32' -> 'F32'."""
-    return TORCH_TO_ST[TORCH_DTYPES[name]]
+    return CODE_OF_NAME[name]
 
 
 # Big tensors are processed in row chunks of at most this many elements, so streaming
@@ -69,24 +64,21 @@ class Checkpoint:
             raise OpError(f"no safetensors weights in {self.label}{hint}")
         self.info: dict[str, TensorInfo] = {}
         self._loc: dict[str, tuple[Path, int]] = {}  # name -> (file, absolute data offset)
-        self._sparse: dict[str, _SparseLoc] = {}     # tensors stored as mask + values
+        self._sparse: dict[str, SparseReader] = {}   # tensors stored as mask + values
         for f in files:
             try:
                 header, start = read_header(f)
-                sparse = sparse_specs(header, f)
+                sparse = sparse_tensors(header, start, f)
             except HeaderError as exc:
                 raise OpError(f"cannot read {f.name} of {self.label}: {exc.detail}") from None
             except (OSError, ValueError) as exc:
                 raise OpError(f"cannot read {f.name} of {self.label}: {exc}") from None
-            for name, spec in sparse.items():
+            for name, st in sparse.items():
                 if name in self.info:
                     raise OpError(f"tensor '{name}' appears in two shard files of {self.label}")
-                mask, values = header[name + MASK_SUFFIX], header[name + VALUES_SUFFIX]
-                self.info[name] = TensorInfo(name, spec["dtype"], tuple(spec["shape"]))
-                self._sparse[name] = _SparseLoc(f, start + mask["data_offsets"][0],
-                                                start + values["data_offsets"][0], values["shape"][0],
-                                                math.prod(spec["shape"]))
-            parts = {n + suffix for n in sparse for suffix in (MASK_SUFFIX, VALUES_SUFFIX)}
+                self.info[name] = TensorInfo(name, st.dtype, st.shape)
+                self._sparse[name] = SparseReader(st)
+            parts = sparse_parts(sparse)
             for name, meta in header.items():
                 if name == "__metadata__" or name in parts:
                     continue
@@ -104,7 +96,7 @@ class Checkpoint:
 
     def file_of(self, name: str) -> Path:
         """The shard file holding tensor ``name``."""
-        return self._sparse[name].file if name in self._sparse else self._loc[name][0]
+        return self._sparse[name].tensor.file if name in self._sparse else self._loc[name][0]
 
     def __contains__(self, name: str) -> bool:
         return name in self.info
@@ -112,7 +104,7 @@ class Checkpoint:
     def _read(self, path: Path, offset: int, n: int) -> bytearray:
         fh = self._handles.get(path)
         if fh is None:
-            fh = self._handles[path] = open(path, "rb")
+            fh = self._handles[path] = open(path, "rb")  # noqa: SIM115 (closed by close())
         buf = bytearray(n)
         if n:
             fh.seek(offset)
@@ -138,48 +130,17 @@ class Checkpoint:
         return t.reshape((stop - start,) + tuple(shape[1:])) if shape else t.reshape(())
 
     def _sparse_range(self, name: str, s: int, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """Dense elements [s, e) of a mask + values tensor."""
-        import numpy as np
-
-        loc = self._sparse[name]
-        if loc.cursor[0] != s:  # not sequential: count the nonzeros before s afresh
-            loc.cursor = (s, self._count_bits(loc, 0, s))
-        b0, b1 = s // 8, (e + 7) // 8
-        bits = np.unpackbits(np.frombuffer(self._read(loc.file, loc.mask_offset + b0, b1 - b0), np.uint8),
-                             bitorder="little")[s - b0 * 8: s - b0 * 8 + (e - s)]
-        k = int(bits.sum())
-        seen = loc.cursor[1] + k
-        if seen > loc.nnz or (e == loc.numel and seen != loc.nnz):
-            upto = "" if e == loc.numel else f" in its first {e} elements"
-            raise OpError(f"sparse tensor '{name}' in {loc.file.name} of {self.label}: its mask sets {seen} "
-                          f"bits{upto} but it has {loc.nnz} values")
-        item = torch.empty((), dtype=dtype).element_size()
-        vals = self._read(loc.file, loc.values_offset + loc.cursor[1] * item, k * item)
-        out = torch.zeros(e - s, dtype=dtype)
-        if k:
-            out[torch.from_numpy(bits.astype(bool))] = torch.frombuffer(vals, dtype=dtype)
-        loc.cursor = (e, loc.cursor[1] + k)
-        return out
-
-    def _count_bits(self, loc: "_SparseLoc", s: int, e: int) -> int:
-        import numpy as np
-
-        total, pos, step = 0, s, 1 << 26
-        while pos < e:
-            hi = min(e, pos + step)
-            b0, b1 = pos // 8, (hi + 7) // 8
-            bits = np.unpackbits(np.frombuffer(self._read(loc.file, loc.mask_offset + b0, b1 - b0), np.uint8),
-                                 bitorder="little")[pos - b0 * 8: pos - b0 * 8 + (hi - pos)]
-            total += int(bits.sum())
-            pos = hi
-        return total
+        """Dense elements [s, e) of a mask + values tensor (decoded by ``dsl.format.sparse``)."""
+        reader = self._sparse[name]
+        path = reader.tensor.file
+        try:
+            arr = reader.dense(lambda offset, n: self._read(path, offset, n), s, e)
+        except SparseDataError as exc:
+            raise OpError(f"sparse tensor '{name}' in {path.name} of {self.label}: {exc.detail}") from None
+        return torch.frombuffer(arr, dtype=dtype) if arr.size else torch.empty(0, dtype=dtype)
 
     def is_sparse(self, name: str) -> bool:
         return name in self._sparse
-
-    def stored_bytes(self) -> int:
-        return sum(f.stat().st_size for f in {p for p, _ in self._loc.values()} |
-                   {loc.file for loc in self._sparse.values()})
 
     def is_float(self, name: str) -> bool:
         return self.info[name].dtype in FLOAT_ST
@@ -188,16 +149,6 @@ class Checkpoint:
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
-
-
-@dataclass
-class _SparseLoc:
-    file: Path
-    mask_offset: int
-    values_offset: int
-    nnz: int
-    numel: int
-    cursor: tuple[int, int] = (0, 0)  # (element position, nonzeros before it) of the last read
 
 
 def row_ranges(shape: tuple[int, ...], max_elements: int | None = None):
@@ -224,10 +175,6 @@ def tensor_buffer(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def info_of(name: str, t_dtype: torch.dtype, shape) -> TensorInfo:
-    return TensorInfo(name, TORCH_TO_ST[t_dtype], tuple(shape))
 
 
 def select(names: Iterable[str], include: list[str] | None, exclude: list[str] | None) -> list[str]:

@@ -38,6 +38,7 @@ from weightflow.ops.lib.models import (  # noqa: F401 (save_model re-exported)
     check_loaded,
     load_tokenizer,
     pad_id,
+    quiet_transformers,
     save_model,
 )
 from weightflow.ops.lib.train_params import (
@@ -96,16 +97,15 @@ def load_model(model_dir: Path, task: str, ctx):
     """The input model in float32 for training (a missing head is initialised, seeded)."""
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     if not any(a.endswith(TASK_CLASS[task]) for a in architectures(model_dir)):
         ctx.warn(f"the input model has no {task} head: a new one is initialised from the seed "
                  "(load the model with task: and num_labels: to control it)")
     cls = (transformers.AutoModelForCausalLM if task == "causal-lm"
            else transformers.AutoModelForSequenceClassification)
     try:
-        model, info = cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
-                                          trust_remote_code=False, output_loading_info=True)
+        with quiet_transformers():
+            model, info = cls.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                              trust_remote_code=False, output_loading_info=True)
     except Exception as exc:
         raise OpError(f"cannot instantiate the input model as a {task} model ({_models_why(exc)})") from None
     # only the new head may be initialised; a backbone tensor missing from the files is an error
