@@ -7,20 +7,22 @@ pipeline's ``outputs`` are exported through ``store.export``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable
 
 from weightflow.dsl.engine.context import META_FILE, Artifact, FieldPath, Inputs, RunContext
 from weightflow.dsl.engine.planner import Planner, StepStatus
 from weightflow.dsl.format.checkpoint import (
+    DEFAULT_SHARD_BYTES,
     TensorDigest,
     artifact_digest,
     digest_safetensors,
@@ -37,9 +39,7 @@ from weightflow.dsl.lang.pipeline import Pipeline
 from weightflow.dsl.lang.spec import step_dtype, step_seed
 from weightflow.dsl.store import lockfile
 from weightflow.dsl.store.content import Store, write_atomic
-from weightflow.dsl.store.export import _absolute, export_artifact, preflight_export
-
-from weightflow.dsl.format.checkpoint import DEFAULT_SHARD_BYTES
+from weightflow.dsl.store.export import _absolute, disk_full_error, export_artifact, preflight_export
 
 
 class FrozenMismatch(WeightflowError):
@@ -272,11 +272,14 @@ class Runner:
                 raise StepFailed(name, str(exc).removeprefix(f"step '{name}': "), self._where(name)) from exc
             except KeyboardInterrupt:
                 raise
+            except OSError as exc:
+                if exc.errno not in DISK_FULL:
+                    raise StepFailed(name, _internal(exc), self._where(name)) from exc
+                written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+                raise disk_full_error(exc, None, None, f"step '{name}' ({written:,} bytes written before the "
+                                      "disk filled)", fallback=self.store.root) from None
             except Exception as exc:  # an op bug or an unexpected input: no traceback
-                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                tb = traceback.format_exc()
-                raise StepFailed(name, f"{detail}\n(internal error; set WEIGHTFLOW_DEBUG=1 for the "
-                                 f"traceback)" + (f"\n{tb}" if _debug() else ""), self._where(name)) from exc
+                raise StepFailed(name, _internal(exc), self._where(name)) from exc
             seconds = time.perf_counter() - started
             manifest = {
                 "kind": step.op.output.value,
@@ -313,6 +316,16 @@ class Runner:
             if rel not in written:
                 tensors.extend(digest_safetensors(f))
         return artifact_digest(tensors, side_file_digests(out))
+
+
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _internal(exc: BaseException) -> str:
+    """An unexpected exception as one line, and the traceback only when asked for."""
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    tail = f"\n{traceback.format_exc()}" if _debug() else ""
+    return f"{detail}\n(internal error; set WEIGHTFLOW_DEBUG=1 for the traceback){tail}"
 
 
 def _debug() -> bool:

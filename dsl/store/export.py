@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -351,14 +352,47 @@ def export_artifact(obj: Path, target: Path, manifest: dict | None = None, *, st
     return True
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove_dead_leftovers(path: Path) -> None:
+    """Temporary siblings of ``path`` left by an export that was killed (SIGKILL, power loss).
+
+    Their names carry the exporting process's pid; only those of dead processes are
+    touched.  A previous export moved aside just before the kill is put back when the
+    target is missing; partial copies are removed.
+    """
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-z_]+\.(tmp-export|old-export)$")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in sorted(entries, key=lambda e: e.name.endswith("tmp-export")):  # old-export first
+        m = pattern.match(entry.name)
+        if not m or not entry.is_dir() or entry.is_symlink() or _alive(int(m.group(1))):
+            continue
+        if m.group(2) == "old-export" and not path.exists():
+            os.rename(entry, path)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _write_export(obj: Path, path: Path, manifest: dict | None, check: dict) -> None:
     parent = path.parent
     needed = _tree_size(obj)
+    _remove_dead_leftovers(path)
     created = [d for d in [parent, *parent.parents] if not d.exists()]
     tmp = None
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp-export"))
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp-export"))
         _copy_tree(obj, tmp)
         files, dirs = _scan(tmp)
         doc = {"digest": obj.name, "manifest": manifest or {},
@@ -367,7 +401,7 @@ def _write_export(obj: Path, path: Path, manifest: dict | None, check: dict) -> 
         _fsync_files(tmp)
         now = check_export_target(path, **check)  # changed by someone while we copied?
         if now.state == "export":
-            old = parent / f".{path.name}.{uuid.uuid4().hex[:12]}.old-export"
+            old = parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.old-export"
             os.rename(path, old)
             try:
                 os.rename(tmp, path)
