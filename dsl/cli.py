@@ -10,6 +10,7 @@ traceback; a failed step exits with status 1 and keeps every finished cache entr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -183,7 +184,7 @@ def cmd_status(args) -> int:
             lock_state = f"locked by op {s.locked.op}"
         else:
             lock_state = "locked"
-        if s.state == CACHED:
+        if s.entry is not None and s.state == CACHED:  # (CACHED: the entry is there)
             cache = "in store" if s.entry.digest == s.digest else "output differs from lock"
         elif s.state == NOT_LOCKED:
             cache = "-"
@@ -227,17 +228,17 @@ def _entry_for(p, store, step: str, verify: bool = True):
     against its digest, a corrupted one discarded), and the lock's entries.  Reads the
     lock file and the store only: no input is fingerprinted, no key recomputed."""
     from weightflow.dsl.lang import graph
-    from weightflow.dsl.present.report import NOT_LOCKED, locked_steps
+    from weightflow.dsl.present.report import locked_steps
     from weightflow.dsl.store import lockfile
 
     s = locked_steps(p, store, [step], touch=True, verify=verify, warn=_view_warn)[step]
     rerun = f"run `weightflow run {p.path.name} --target {step}` first"
-    if s.state == NOT_LOCKED:
+    if s.locked is None:  # s.state == NOT_LOCKED
         raise WeightflowError(f"step '{step}' has no cached output: it is not in the lock file "
                               f"{p.lock_path.name} (the pipeline has not run it); {rerun}")
     if s.entry is None and not s.corrupted:
         raise WeightflowError(f"step '{step}' has no cached output: {p.lock_path.name} names key "
-                              f"{s.key[:12]}, which the store {store.root} does not hold "
+                              f"{s.locked.key[:12]}, which the store {store.root} does not hold "
                               f"(removed by gc, or another --cache-dir?); {rerun}")
     if s.entry is None:
         raise WeightflowError(f"step '{step}' has no cached output: {s.reason}; {rerun}")
@@ -258,10 +259,8 @@ def _summary(entry) -> dict:
     from weightflow.dsl.present.tensor_stats import summarize
 
     out = summarize(entry.path, entry.kind) if list(entry.path.glob("*.safetensors")) else {}
-    try:
+    with contextlib.suppress(OSError, ValueError):
         out["metadata"] = json.loads((entry.path / "weightflow.json").read_text())
-    except (OSError, ValueError):
-        pass
     return out
 
 
@@ -303,35 +302,42 @@ def cmd_show(args) -> int:
         names = {st.digest: n for n, st in lock.items() if n in p.steps}
         print(f"base      {meta['base']}" + (f" (step '{names[meta['base']]}')" if meta["base"] in names else ""))
     if summ.get("per_tensor") and (entry.kind == "Delta" or args.tensors):
-        extra = meta.get("tensors") if isinstance(meta.get("tensors"), dict) else {}
-        rows = []
-        for r in summ["per_tensor"]:
-            e = extra.get(r["name"], {})
-            scale = e.get("q", e.get("scale"))
-            rows.append([r["name"], "x".join(map(str, r["shape"])), r["storage"],
-                         f"{r['density']:.4f}" if "density" in r else "-",
-                         f"{r['l2']:.4g}" if "l2" in r else "-",
-                         f"{scale:.4g}" if isinstance(scale, (int, float)) else "-"])
-        print()
-        _print_table(rows, ["TENSOR", "SHAPE", "STORAGE", "DENSITY", "L2", "Q" if "q" in str(extra) else "SCALE"])
-        print()
+        _print_tensors(summ["per_tensor"], meta)
     init = (m.get("info") or {}).get("initialised")
     if isinstance(init, dict):
-        names = init.get("tensors")
-        what = "all tensors" if names == "all" else ", ".join(map(str, names or []))
+        tensors = init.get("tensors")
+        what = "all tensors" if tensors == "all" else ", ".join(map(str, tensors or []))
         print(f"initialised {what} (seed {init.get('seed')})")
     if (m.get("info") or {}).get("dropped"):
         print(f"dropped   {', '.join(map(str, m['info']['dropped']))}")
     if m.get("info"):
         print(f"info      {json.dumps(m['info'])[:500]}")
     print("lineage")
-
-    def tree(node, indent="  "):
-        print(f"{indent}{node['step']} ({node['op']}) {(node['digest'] or '-')[:12]}")
-        for child in node.get("inputs", []):
-            tree(child, indent + "  ")
-    tree(doc["lineage"])
+    _print_lineage(doc["lineage"])
     return 0
+
+
+def _print_tensors(per_tensor: list[dict], meta: dict) -> None:
+    """`show`'s per-tensor table (shape, storage, density, L2 and the op's scale or q)."""
+    tensors = meta.get("tensors")
+    extra = tensors if isinstance(tensors, dict) else {}
+    rows = []
+    for r in per_tensor:
+        e = extra.get(r["name"], {})
+        scale = e.get("q", e.get("scale"))
+        rows.append([r["name"], "x".join(map(str, r["shape"])), r["storage"],
+                     f"{r['density']:.4f}" if "density" in r else "-",
+                     f"{r['l2']:.4g}" if "l2" in r else "-",
+                     f"{scale:.4g}" if isinstance(scale, (int, float)) else "-"])
+    print()
+    _print_table(rows, ["TENSOR", "SHAPE", "STORAGE", "DENSITY", "L2", "Q" if "q" in str(extra) else "SCALE"])
+    print()
+
+
+def _print_lineage(node: dict, indent: str = "  ") -> None:
+    print(f"{indent}{node['step']} ({node['op']}) {(node['digest'] or '-')[:12]}")
+    for child in node.get("inputs", []):
+        _print_lineage(child, indent + "  ")
 
 
 def cmd_export(args) -> int:
@@ -595,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     # weightflow never reads stdin: a library's "run the custom code? [y/N]" prompt must not
     # be answerable by `echo y | weightflow run` (it then fails instead of running code)
     if getattr(sys.stdin, "name", None) != os.devnull:
-        sys.stdin = open(os.devnull)
+        sys.stdin = open(os.devnull)  # noqa: SIM115 (stays open: it replaces stdin for the process)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

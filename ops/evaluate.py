@@ -61,7 +61,8 @@ def _tag(v) -> str:
 
 
 MetricItem = Annotated[
-    Union[tuple(Annotated[cls, Tag(name)] for name, cls in ITEMS.items())],
+    # a union built at runtime from a tuple: `X | Y` cannot spell it
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in ITEMS.items())],  # noqa: UP007
     Discriminator(_tag),
     BeforeValidator(_normalise),
 ]

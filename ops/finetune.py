@@ -74,7 +74,7 @@ def preflight(params: FinetuneParams, env) -> None:
     check_data(params, env, [params.data, params.eval_data])
 
 
-def run(inputs, params: FinetuneParams, ctx) -> dict:
+def run(inputs, params: FinetuneParams, ctx) -> dict:  # noqa: C901
     from weightflow.ops.lib import training as T
 
     art = inputs["model"]

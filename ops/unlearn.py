@@ -11,7 +11,8 @@ example's target tokens (its label, for a classifier); |y| their number.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import (
     Field,
@@ -73,39 +74,10 @@ def _method_fields(registry: Mapping[str, um.UnlearnMethod]) -> type[AliasedPara
 
     def _method_params(cls, data):
         """Reject keys another method uses; fill this method's defaults (they enter the key)."""
-        if not isinstance(data, dict) or data.get("method") not in registry:
-            return data
-        method = data["method"]
-        m = registry[method]
-        own = m.defaults
-        for key, users in keys.items():
-            if key in data and data[key] is not None and key not in own:
-                hint = f" ({method} has no retain term: use method: grad-diff)" \
-                    if key == "retain_weight" and m.gradient else ""
-                raise ValueError(f"'{key}' does not apply to method {method}; it is used by "
-                                 f"{', '.join(n for n, _ in users)}{hint}")
-        if not m.gradient:
-            for key in _NO_GRADIENT_STEPS:
-                if key in data:
-                    raise ValueError(f"'{key}' does not apply to method {method} (it takes no gradient steps)")
-        elif not m.retain_term and "retain_loss" in data:
-            raise ValueError(f"'retain_loss' does not apply to method {method} (no retain term; "
-                             "use method: grad-diff)")
-        if m.needs_retain is False and data.get("retain") is not None:
-            raise ValueError(f"'retain' does not apply to method {method}")
-        data = dict(data)
-        for key, value in own.items():
-            if data.get(key) is None:
-                data[key] = value
-        return data
+        return _method_params_of(registry, keys, data)
 
     def _retain_needed(self):
-        m = registry[self.method]
-        if m.needs_retain is True and self.retain is None:
-            if not m.retain_term:
-                raise ValueError(f"method {self.method} needs 'retain' data ({m.retain_use})")
-            if self.retain_weight:
-                raise ValueError(f"method {self.method} needs 'retain' data (or retain_weight: 0)")
+        _check_retain_given(registry[self.method], self)
         return self
 
     later = [(k, um.field_name(k)) for k in keys if k not in KEYED_IN_EVERY_STEP]
@@ -130,6 +102,50 @@ def _method_fields(registry: Mapping[str, um.UnlearnMethod]) -> type[AliasedPara
     return create_model("_Method", __base__=AliasedParams, __validators__=validators,
                         __doc__="The model, the data and the method (listed first; the training keys follow).",
                         **fields)
+
+
+def _method_params_of(registry: Mapping[str, um.UnlearnMethod], keys: Mapping[str, Any], data):
+    """``_Method``'s before-validator: reject keys another method uses; fill this method's
+    defaults (they enter the key)."""
+    if not isinstance(data, dict) or data.get("method") not in registry:
+        return data
+    method = data["method"]
+    m = registry[method]
+    own = m.defaults
+    for key, users in keys.items():
+        if key in data and data[key] is not None and key not in own:
+            hint = f" ({method} has no retain term: use method: grad-diff)" \
+                if key == "retain_weight" and m.gradient else ""
+            raise ValueError(f"'{key}' does not apply to method {method}; it is used by "
+                             f"{', '.join(n for n, _ in users)}{hint}")
+    _check_training_keys(m, method, data)
+    if m.needs_retain is False and data.get("retain") is not None:
+        raise ValueError(f"'retain' does not apply to method {method}")
+    data = dict(data)
+    for key, value in own.items():
+        if data.get(key) is None:
+            data[key] = value
+    return data
+
+
+def _check_training_keys(m: um.UnlearnMethod, method: str, data: dict) -> None:
+    """Training keys a method without gradient steps (or without a retain term) does not take."""
+    if not m.gradient:
+        for key in _NO_GRADIENT_STEPS:
+            if key in data:
+                raise ValueError(f"'{key}' does not apply to method {method} (it takes no gradient steps)")
+    elif not m.retain_term and "retain_loss" in data:
+        raise ValueError(f"'retain_loss' does not apply to method {method} (no retain term; "
+                         "use method: grad-diff)")
+
+
+def _check_retain_given(m: um.UnlearnMethod, params) -> None:
+    """``_Method``'s after-validator: a method that needs retain data has it."""
+    if m.needs_retain is True and params.retain is None:
+        if not m.retain_term:
+            raise ValueError(f"method {params.method} needs 'retain' data ({m.retain_use})")
+        if params.retain_weight:
+            raise ValueError(f"method {params.method} needs 'retain' data (or retain_weight: 0)")
 
 
 def params_model(registry: Mapping[str, um.UnlearnMethod]) -> type[TrainParams]:
@@ -160,7 +176,7 @@ def options(params, method: um.UnlearnMethod) -> dict:
 
 # -- the op ---------------------------------------------------------------------------
 
-def run(inputs, params, ctx) -> dict:
+def run(inputs, params, ctx) -> dict:  # noqa: C901
     import copy
 
     import torch

@@ -160,9 +160,9 @@ def test_corrupted_entry_is_detected_discarded_and_recomputed(tmp_path, tiny_mod
 
 
 def test_source_files_are_hashed_once_then_memoised(tmp_path, tiny_models, store_dir, monkeypatch):
-    from weightflow.dsl.store import content as store_mod
     from weightflow.dsl.engine.planner import plan
     from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store import content as store_mod
     from weightflow.dsl.store.content import Store
 
     calls = []
@@ -183,8 +183,8 @@ def test_source_files_are_hashed_once_then_memoised(tmp_path, tiny_models, store
 
 
 def test_failure_publishes_nothing_half_written(tmp_path, store_dir):
-    from weightflow.dsl.lang import registry
     from weightflow.dsl.format.checkpoint import TensorInfo
+    from weightflow.dsl.lang import registry
     from weightflow.dsl.lang.diagnostics import StepFailed
     from weightflow.dsl.lang.spec import Kind, OpParams, OpSpec
 

@@ -13,8 +13,10 @@ from conftest import write_pipeline
 PIPE = """
 weightflow: 1
 steps:
-  base: {op: load, config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, vocab_size: 64}}
-  ft: {op: load, config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, vocab_size: 64}, init_seed: 1}
+  base: {op: load, config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
+                            num_attention_heads: 2, vocab_size: 64}}
+  ft: {op: load, config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
+                          num_attention_heads: 2, vocab_size: 64}, init_seed: 1}
   d: {op: extract-delta, model: ft, base: base}
   merged: {op: merge, method: task-arithmetic, base: base, deltas: [d], weights: [0.5]}
 """

@@ -190,7 +190,8 @@ D2 = [[-4, 2, 0, 3], [-1, 2, 0, 0.2]]
 def test_ties_hand_computed_sign_election_tie_and_all_zero(tmp_path, store_dir):
     # trim to 4 of 8: d1 -> [[4,-3,0,0],[1,-2,0,0]], d2 -> [[-4,2,0,3],[0,2,0,0]]
     # column 0 row 0: 4 + (-4) = 0 -> elects +, only d1 agrees -> 4; column 2: all zero -> 0
-    got = toy_merge(tmp_path, store_dir, [D1, D2], "{op: merge, method: ties, base: base, deltas: [d0, d1], density: 0.5}")
+    got = toy_merge(tmp_path, store_dir, [D1, D2],
+                    "{op: merge, method: ties, base: base, deltas: [d0, d1], density: 0.5}")
     assert torch.equal(got, torch.tensor([[4.0, -3, 0, 3], [1, 2, 0, 0]]))
 
 
@@ -263,7 +264,8 @@ steps:
   ft: {{op: load, source: {model_dir(tmp_path / 'f', {'embed': torch.ones(4, 2), 'mlp': torch.ones(2, 2)})}}}
   big: {{op: load, source: {model_dir(tmp_path / 'g', ft)}}}
   d: {{op: extract-delta, model: ft, base: base}}
-  m: {{op: merge, method: task-arithmetic, base: base, deltas: [d], weights: [[{{pattern: "mlp*", value: 0.25}}, {{pattern: "*", value: 2}}]]}}
+  m: {{op: merge, method: task-arithmetic, base: base, deltas: [d],
+      weights: [[{{pattern: "mlp*", value: 0.25}}, {{pattern: "*", value: 2}}]]}}
 outputs: {{m: out/m}}
 """
     run(write_pipeline(tmp_path, text), store_dir)

@@ -607,8 +607,6 @@ def test_cli_validate_ok(tmp_path):
 
 @pytest.fixture
 def union_op():
-    from typing import Union
-
     from pydantic import BaseModel, ConfigDict
 
     from weightflow.dsl.lang.spec import FiniteFloat, Kind, OpParams, OpSpec
@@ -620,8 +618,8 @@ def union_op():
 
     class Params(OpParams):
         model: str
-        scale: Union[FiniteFloat, list[Rule]] = 1.0
-        factors: list[Union[FiniteFloat, list[Rule]]] = []
+        scale: FiniteFloat | list[Rule] = 1.0
+        factors: list[FiniteFloat | list[Rule]] = []
         flag: bool = False
 
     registry.register(OpSpec(name="test-union", version=1, output=Kind.MODEL, params=Params,

@@ -257,11 +257,11 @@ def test_classifier_accuracy_and_loss_by_hand(tmp_path, store_dir):
             for i, n in enumerate(torch.randint(3, 20, (11,), generator=g))]
     rows[0]["label"] = "LABEL_2"  # a label name, mapped through the config's label2id
     (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = write_pipeline(tmp_path, f"""
+    path = write_pipeline(tmp_path, """
 weightflow: 1
 steps:
-  clf: {{op: load, source: clf}}
-  scores: {{op: evaluate, models: clf, metrics: [{{accuracy: {{data: cls.jsonl, batch_size: 4}}}}]}}
+  clf: {op: load, source: clf}
+  scores: {op: evaluate, models: clf, metrics: [{accuracy: {data: cls.jsonl, batch_size: 4}}]}
 """)
     outcome, _ = run(path, store_dir)
     got = values(report_of(store_dir, outcome), 0, "accuracy")
@@ -269,7 +269,7 @@ steps:
     gold = [2] + [r["label"] for r in rows[1:]]
     with torch.no_grad():
         pred = [int(model(torch.tensor([r["input_ids"]])).logits.argmax()) for r in rows]
-    assert got["n"] == 11 and got["acc"] == pytest.approx(sum(p == t for p, t in zip(pred, gold)) / 11)
+    assert got["n"] == 11 and got["acc"] == pytest.approx(sum(p == t for p, t in zip(pred, gold, strict=True)) / 11)
 
 
 def test_named_labels_and_accuracy_among_one_jobs_labels(tmp_path, store_dir):
@@ -285,7 +285,8 @@ def test_named_labels_and_accuracy_among_one_jobs_labels(tmp_path, store_dir):
     text = f"""
 weightflow: 1
 steps:
-  clf: {{op: load, config: {json.dumps(cfg)}, task: sequence-classification, labels: [neg, pos, atheism, space], init_seed: 2}}
+  clf: {{op: load, config: {json.dumps(cfg)}, task: sequence-classification,
+        labels: [neg, pos, atheism, space], init_seed: 2}}
   scores:
     op: evaluate
     models: clf
@@ -301,8 +302,8 @@ outputs: {{clf: out/clf}}
     gold = [model.config.label2id[r["label"]] for r in rows]
     with torch.no_grad():
         logits = [model(torch.tensor([r["input_ids"]])).logits[0] for r in rows]
-    among = sum(int(lg[:2].argmax()) == t for lg, t in zip(logits, gold)) / len(rows)
-    overall = sum(int(lg.argmax()) == t for lg, t in zip(logits, gold)) / len(rows)
+    among = sum(int(lg[:2].argmax()) == t for lg, t in zip(logits, gold, strict=True)) / len(rows)
+    overall = sum(int(lg.argmax()) == t for lg, t in zip(logits, gold, strict=True)) / len(rows)
     report = report_of(store_dir, outcome)
     assert values(report, 0, "among")["acc"] == pytest.approx(among)
     assert values(report, 0, "ids")["acc"] == pytest.approx(among)
@@ -322,20 +323,20 @@ def test_loss_forget_retain_sparsity_and_delta_norm_by_hand(tmp_path, store_dir)
         return [r["input_ids"] for r in rows]
 
     forget, retain = data("forget.jsonl", (12, 30, 5)), data("retain.jsonl", (20, 9))
-    path = write_pipeline(tmp_path, f"""
+    path = write_pipeline(tmp_path, """
 weightflow: 1
 steps:
-  base: {{op: load, source: base}}
-  pruned: {{op: prune-wanda, model: base, method: magnitude, sparsity: 0.25}}
+  base: {op: load, source: base}
+  pruned: {op: prune-wanda, model: base, method: magnitude, sparsity: 0.25}
   scores:
     op: evaluate
     models: [base, pruned]
     metrics:
-      - loss: {{forget: forget.jsonl, retain: retain.jsonl, batch_size: 2}}
-      - loss: {{data: retain.jsonl, label: plain}}
-      - sparsity: {{}}
-      - delta_norm: {{base: base}}
-outputs: {{pruned: out/pruned}}
+      - loss: {forget: forget.jsonl, retain: retain.jsonl, batch_size: 2}
+      - loss: {data: retain.jsonl, label: plain}
+      - sparsity: {}
+      - delta_norm: {base: base}
+outputs: {pruned: out/pruned}
 """)
     outcome, _ = run(path, store_dir)
     rep = report_of(store_dir, outcome)

@@ -24,7 +24,8 @@ vars: {w: 0.5, lam: 1.0}
 steps:
   base:
     op: load
-    config: {model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 256}
+    config: {model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4,
+             num_key_value_heads: 2, vocab_size: 256}
     init_seed: 0
   ft: {op: load, source: ./models/ft, dtype: bfloat16}
   ft2: &ftdef {op: load, source: ./models/ft2}
@@ -91,7 +92,7 @@ def test_the_seed_text_is_valid():
 # -- text-level mutations -------------------------------------------------------
 
 @st.composite
-def mutated_text(draw):
+def mutated_text(draw):  # noqa: C901
     lines = VALID.splitlines(keepends=True)
     for _ in range(draw(st.integers(1, 4))):
         if not lines:
@@ -113,10 +114,7 @@ def mutated_text(draw):
             if not spans:
                 continue
             a, b = draw(st.sampled_from(spans))
-            if kind == "token":
-                new = draw(NOISE)
-            else:
-                new = draw(st.sampled_from(TOKEN.findall(VALID)))
+            new = draw(NOISE) if kind == "token" else draw(st.sampled_from(TOKEN.findall(VALID)))
             lines[i] = line[:a] + new + line[b:]
         elif kind == "insert":
             at = draw(st.integers(0, len(line)))

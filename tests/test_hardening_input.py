@@ -158,7 +158,7 @@ def test_var_alias_bomb_is_refused_quickly(tmp_path):
     path.write_text(VAR_PIPELINE)
     # &a is 9 ones, &b 9 copies of *a, ... &i 9 copies of *h: 9**9 values, in < 400 bytes
     levels = ["&a [1,1,1,1,1,1,1,1,1]"] + [f"&{c} [" + ",".join(["*" + p] * 9) + "]"
-                                           for p, c in zip("abcdefgh", "bcdefghi")]
+                                           for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
     value = "[" + ", ".join(levels) + "]"
     assert len(value) < 400
     start = time.monotonic()

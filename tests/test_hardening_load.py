@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import read_model, save_tiny_llama, write_pipeline
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "89abcdef0123456789abcdef0123456789abcdef"
@@ -132,7 +131,8 @@ d = Path({str(src)!r})
 out = {{}}
 for name, call in [("load_tokenizer", lambda: models.load_tokenizer(d)),
                    ("load_model", lambda: models.load_model(d)),
-                   ("train_load_model", lambda: training.load_model(d, "causal-lm", types.SimpleNamespace(warn=print)))]:
+                   ("train_load_model",
+                    lambda: training.load_model(d, "causal-lm", types.SimpleNamespace(warn=print)))]:
     try:
         out[name] = repr(call())
     except OpError as exc:
@@ -273,7 +273,8 @@ def test_load_keys_are_unchanged(tmp_path):
              "  c: {op: load, config: {model_type: llama, hidden_size: 8}, init_seed: 3}\n")
     path = write_pipeline(tmp_path, "weightflow: 1\nsteps:\n" + steps)
     assert {s.name: s.key for s in plan(load_pipeline(path), Store(tmp_path / "cache"))} == LOAD_KEYS
-    path = write_pipeline(tmp_path, "weightflow: 1\nsteps:\n" + steps.replace("./src}", "./src, follow_symlinks: false}"))
+    unfollowed = steps.replace("./src}", "./src, follow_symlinks: false}")
+    path = write_pipeline(tmp_path, "weightflow: 1\nsteps:\n" + unfollowed)
     assert {s.name: s.key for s in plan(load_pipeline(path), Store(tmp_path / "cache"))} == LOAD_KEYS
 
 

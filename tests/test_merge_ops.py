@@ -161,7 +161,9 @@ def test_load_from_config_is_deterministic_and_classifier_head(tmp_path, store_d
     text = """
     weightflow: 1
     steps:
-      a: {op: load, config: {model_type: bert, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64, vocab_size: 100}, task: sequence-classification, num_labels: 3, init_seed: 7}
+      a: {op: load, config: {model_type: bert, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2,
+                             intermediate_size: 64, vocab_size: 100},
+          task: sequence-classification, num_labels: 3, init_seed: 7}
     outputs: {a: out/a}
     """
     path = write_pipeline(tmp_path, text)

@@ -16,8 +16,9 @@ import torch
 from conftest import run, save_tiny_llama, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a cat dog bird fish sat ran flew swam on under over near mat log tree rock and then it "
-         "was red blue green big small old new").split()
+WORDS = ["the", "a", "cat", "dog", "bird", "fish", "sat", "ran", "flew", "swam", "on", "under", "over",
+         "near", "mat", "log", "tree", "rock", "and", "then", "it", "was", "red", "blue", "green", "big",
+         "small", "old", "new"]
 LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 64}
 
@@ -117,7 +118,8 @@ def test_mia_loss_auc_of_a_causal_lm_equals_a_pairwise_count(tmp_path, store_dir
 weightflow: 1
 steps:
   m: {{op: load, source: {causal}}}
-  scores: {{op: evaluate, models: m, metrics: [{{mia_loss: {{forget: forget.txt, holdout: holdout.txt, batch_size: 3}}}}]}}
+  scores: {{op: evaluate, models: m,
+           metrics: [{{mia_loss: {{forget: forget.txt, holdout: holdout.txt, batch_size: 3}}}}]}}
 """)
     outcome, _ = run(path, store_dir)
     rep = report_of(store_dir, outcome)
@@ -153,7 +155,8 @@ def test_mia_loss_auc_of_a_classifier_equals_a_pairwise_count(tmp_path, store_di
 weightflow: 1
 steps:
   clf: {op: load, source: clf}
-  scores: {op: evaluate, models: clf, metrics: [{mia_loss: {forget: forget.jsonl, holdout: holdout.jsonl, batch_size: 4}}]}
+  scores: {op: evaluate, models: clf,
+           metrics: [{mia_loss: {forget: forget.jsonl, holdout: holdout.jsonl, batch_size: 4}}]}
 """)
     outcome, _ = run(path, store_dir)
     got = report_of(store_dir, outcome)["results"][0][0]["values"]
@@ -162,8 +165,9 @@ steps:
 
     def losses(rows):
         with torch.no_grad():
-            return [float(torch.nn.functional.cross_entropy(model(**tok(x["text"], return_tensors="pt")).logits.double(),
-                                                            torch.tensor([x["label"]]))) for x in rows]
+            return [float(torch.nn.functional.cross_entropy(
+                model(**tok(x["text"], return_tensors="pt")).logits.double(), torch.tensor([x["label"]])))
+                for x in rows]
 
     _check_against_hand(got, losses(forget), losses(holdout))
 
@@ -179,7 +183,8 @@ steps:
   scores:
     op: evaluate
     models: [base, tuned]
-    metrics: [{{mia_loss: {{forget: forget.txt, holdout: holdout.txt}}}}, {{loss: {{forget: forget.txt, retain: holdout.txt}}}}]
+    metrics: [{{mia_loss: {{forget: forget.txt, holdout: holdout.txt}}}},
+              {{loss: {{forget: forget.txt, retain: holdout.txt}}}}]
 """)
     outcome, _ = run(path, store_dir)
     rep = report_of(store_dir, outcome)

@@ -74,7 +74,7 @@ def rows_of(mod):
     return mod.weight.data if isinstance(mod, torch.nn.Linear) else mod.weight.data.t()
 
 
-def reference_masks(model, samples, sparsity, nm=None, batch_size=4, pad=0):
+def reference_masks(model, samples, sparsity, nm=None, batch_size=4, pad=0):  # noqa: C901
     """{module name: bool mask [out, in]} by whole-model Wanda, block after block."""
     from transformers.pytorch_utils import Conv1D
 
@@ -96,7 +96,7 @@ def reference_masks(model, samples, sparsity, nm=None, batch_size=4, pad=0):
         sumsq = {n: torch.zeros(rows_of(m).shape[1], dtype=torch.float64) for n, m in linears.items()}
         current = {}
 
-        def make_hook(name):
+        def make_hook(name, current=current, sumsq=sumsq):
             def hook(_m, inp, _o):
                 x = inp[0][current["attn"].bool()]  # real tokens only
                 sumsq[name] += (x.double() ** 2).sum(0)

@@ -60,7 +60,7 @@ def test_quickstart_runs_to_its_report_and_reruns_from_cache(tmp_path):
     assert len(body["results"]) == len(stages)
     acc = {}
     for j, metric in enumerate(body["metrics"]):
-        for name, row in zip(stages, body["results"]):
+        for name, row in zip(stages, body["results"], strict=True):
             vals = row[j]["values"]
             acc.setdefault(metric["label"], {})[name] = vals.get("acc", vals.get("sparsity"))
     assert set(acc) == {"sentiment", "topic", "flagged_wrong_label", "sparsity"}

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import TINY_LLAMA, config_of, read_model, run, save_tiny_llama, write_pipeline
 
-WORDS = ("the a cat dog bird sat ran flew on under over mat log tree and then it was red blue "
-         "green big small good great fine superb lovely nice happy bright bad awful poor terrible "
-         "ugly sad dull grim movie film plot is this").split()
-POS = "good great fine superb lovely nice happy bright".split()
-NEG = "bad awful poor terrible ugly sad dull grim".split()
-FILLER = "the a movie film plot was is and it this".split()
+WORDS = ["the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "over", "mat", "log", "tree",
+         "and", "then", "it", "was", "red", "blue", "green", "big", "small", "good", "great", "fine",
+         "superb", "lovely", "nice", "happy", "bright", "bad", "awful", "poor", "terrible", "ugly", "sad",
+         "dull", "grim", "movie", "film", "plot", "is", "this"]
+POS = ["good", "great", "fine", "superb", "lovely", "nice", "happy", "bright"]
+NEG = ["bad", "awful", "poor", "terrible", "ugly", "sad", "dull", "grim"]
+FILLER = ["the", "a", "movie", "film", "plot", "was", "is", "and", "it", "this"]
 
 
 def save_word_tokenizer(path: Path, kind: str) -> None:
@@ -199,7 +200,8 @@ def test_classifier_learns_a_separable_toy_set(tmp_path, store_dir, models):
     enc = tok([r["text"] for r in test_rows], padding=True, return_tensors="pt")
     with torch.no_grad():
         pred = model(**enc).logits.argmax(-1).tolist()
-    accuracy = sum(model.config.id2label[p] == r["label"] for p, r in zip(pred, test_rows)) / len(test_rows)
+    hits = sum(model.config.id2label[p] == r["label"] for p, r in zip(pred, test_rows, strict=True))
+    accuracy = hits / len(test_rows)
     assert accuracy > 0.9
     info = manifest(store_dir, keys_and_digests(outcome)["clf"][0])["info"]
     assert info["validation"][0]["accuracy"] <= 0.6 and info["validation"][-1]["accuracy"] == accuracy

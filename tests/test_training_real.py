@@ -95,7 +95,7 @@ def test_minilm_sentiment_finetune_on_polarity_sentences(tmp_path, store_dir):
     enc = tok([r["text"] for r in held_out], padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
         pred = model(**enc).logits.argmax(-1).tolist()
-    accuracy = sum(model.config.id2label[p] == r["label"] for p, r in zip(pred, held_out)) / len(held_out)
+    accuracy = sum(model.config.id2label[p] == r["label"] for p, r in zip(pred, held_out, strict=True)) / len(held_out)
     shown = json.loads(_weightflow("show", path, "sentiment", "--json", "--cache-dir", store_dir,
                                    cwd=tmp_path)[0].stdout)
     curve = shown["manifest"]["info"]["validation"]

@@ -37,9 +37,11 @@ steps:
   da: {{op: extract-delta, model: a, base: base}}
   db: {{op: extract-delta, model: b, base: base}}
   linear: {{op: merge, method: linear, models: [base, a, b], weights: [0.2, 0.5, 0.3], normalize: true}}
-  task_arithmetic: {{op: merge, method: task-arithmetic, base: base, deltas: [da, db], weights: [1.0, 0.5], lambda: 0.8}}
+  task_arithmetic: {{op: merge, method: task-arithmetic, base: base, deltas: [da, db], weights: [1.0, 0.5],
+                    lambda: 0.8}}
   ties: {{op: merge, method: ties, base: base, deltas: [da, db], weights: [1.0, 0.5], density: 0.5}}
-  ties_sum: {{op: merge, method: ties, base: base, deltas: [da, db], weights: [0.7, -0.4], density: 0.3, normalize: false}}
+  ties_sum: {{op: merge, method: ties, base: base, deltas: [da, db], weights: [0.7, -0.4], density: 0.3,
+             normalize: false}}
 outputs: {{linear: out/linear, task_arithmetic: out/task_arithmetic, ties: out/ties, ties_sum: out/ties_sum}}
 """
     run(write_pipeline(tmp, text), tmp / "cache")
@@ -50,7 +52,7 @@ def compare(ours: dict, theirs: dict) -> None:
     assert set(ours) == set(theirs)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name].to(ours[name].dtype), rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_linear_matches_mergekit(merged):

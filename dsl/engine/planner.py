@@ -7,9 +7,9 @@ after the first miss, dependants are ``pending`` with the reason.  The runner
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from weightflow.dsl.engine.keys import key_material, step_key
 from weightflow.dsl.lang import graph

@@ -7,6 +7,7 @@ pipeline's ``outputs`` are exported through ``store.export``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -35,7 +36,7 @@ from weightflow.dsl.lang.diagnostics import (
     StepFailed,
     WeightflowError,
 )
-from weightflow.dsl.lang.pipeline import Pipeline
+from weightflow.dsl.lang.pipeline import Pipeline, Step
 from weightflow.dsl.lang.spec import step_dtype, step_seed
 from weightflow.dsl.store import lockfile
 from weightflow.dsl.store.content import Store, write_atomic
@@ -57,11 +58,16 @@ class Outcome:
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("weightflow", "torch", "transformers", "safetensors", "peft"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return out
+
+
+def _release_consumed(name: str, step: Step, last_use: dict[str, str], live: dict[str, Artifact]) -> None:
+    """Free the in-memory artifacts whose last consumer, step ``name``, has now run."""
+    for src in [e.source for e in step.inputs]:
+        if last_use.get(src) == name and src in live:
+            live.pop(src).release()
 
 
 class Runner:
@@ -148,7 +154,7 @@ class Runner:
         statuses: list[StepStatus] = []
         new_lock = {n: e for n, e in lock.items() if n in p.steps}
         todo = [n for n in order if n in need]
-        for index, name in enumerate(order):
+        for name in order:
             step = p.steps[name]
             if name not in need:
                 old = lock.get(name)
@@ -183,27 +189,30 @@ class Runner:
             live[name] = Artifact(kind=step.op.output, digest=entry.digest, path=entry.path, step=name)
             new_lock[name] = lockfile.LockEntry(step.op.name, key, entry.digest)
             statuses.append(status)
-            # free in-memory artifacts whose last consumer has now run
-            for src in [e.source for e in step.inputs]:
-                if last_use.get(src) == name and src in live:
-                    live.pop(src).release()
+            _release_consumed(name, step, last_use, live)
         changed = lockfile.write(p.lock_path, p.path.name, new_lock)
         outcome = Outcome(statuses, lock_changed=changed)
         if self.export:
-            for name, target in p.outputs.items():
-                if name in digests:
-                    entry = self.store.lookup(new_lock[name].key)
-                    try:
-                        wrote = export_artifact(self.store.object_path(digests[name]), target,
-                                                entry.manifest if entry else None,
-                                                store_root=self.store.root, pipeline_dir=p.base_dir,
-                                                force=self.force_export, force_flag="--force-export")
-                    except WeightflowError as exc:
-                        raise PipelineError([self._output_diagnostic(name, str(exc))]) from None
-                    if wrote:
-                        self.log(f"exported {name} -> {target}")
-                    outcome.exported[name] = str(target)
+            self._export_outputs(digests, new_lock, outcome)
         return outcome
+
+    def _export_outputs(self, digests: dict[str, str], new_lock: dict[str, lockfile.LockEntry],
+                        outcome: Outcome) -> None:
+        """Export the pipeline's ``outputs`` that this run produced or found cached."""
+        p = self.p
+        for name, target in p.outputs.items():
+            if name in digests:
+                entry = self.store.lookup(new_lock[name].key)
+                try:
+                    wrote = export_artifact(self.store.object_path(digests[name]), target,
+                                            entry.manifest if entry else None,
+                                            store_root=self.store.root, pipeline_dir=p.base_dir,
+                                            force=self.force_export, force_flag="--force-export")
+                except WeightflowError as exc:
+                    raise PipelineError([self._output_diagnostic(name, str(exc))]) from None
+                if wrote:
+                    self.log(f"exported {name} -> {target}")
+                outcome.exported[name] = str(target)
 
     def _output_diagnostic(self, name: str, message: str) -> Diagnostic:
         m = self.p.positions.value(("outputs", name))
@@ -234,9 +243,7 @@ class Runner:
             seen[name] = real
         return problems
 
-    def _execute(self, name: str, key: str, digests: dict[str, str], live: dict[str, Artifact],
-                 names: dict[str, str]):
-        step = self.p.steps[name]
+    def _inputs_of(self, step: Step, digests: dict[str, str], live: dict[str, Artifact]) -> Inputs:
         refs: dict[FieldPath, Artifact] = {}
         for edge in step.inputs:
             art = live.get(edge.source)
@@ -245,15 +252,23 @@ class Runner:
                 art = Artifact(src.op.output, digests[edge.source],
                                self.store.object_path(digests[edge.source]), edge.source)
             refs[tuple(edge.field)] = art  # by field path, e.g. ('metrics', 2, 'delta_norm', 'base')
-        inputs = Inputs(refs)
+        return Inputs(refs)
+
+    def _verify_inputs(self, name: str, step: Step, digests: dict[str, str]) -> None:
+        for source in dict.fromkeys(e.source for e in step.inputs):
+            digest = digests[source]
+            if not self.store.verify_object(digest, deep=True):
+                self.store.discard_object(digest)
+                raise StepFailed(name, f"its input '{source}' (object {digest[:12]}) is "
+                                 "corrupted: its content no longer matches its digest; it was "
+                                 "discarded, rerun to recompute it", self._where(name))
+
+    def _execute(self, name: str, key: str, digests: dict[str, str], live: dict[str, Artifact],
+                 names: dict[str, str]):
+        step = self.p.steps[name]
+        inputs = self._inputs_of(step, digests, live)
         if self.planner.deep:  # verify: always -- re-hash every input right before the op reads it
-            for source in dict.fromkeys(e.source for e in step.inputs):
-                digest = digests[source]
-                if not self.store.verify_object(digest, deep=True):
-                    self.store.discard_object(digest)
-                    raise StepFailed(name, f"its input '{source}' (object {digest[:12]}) is "
-                                     "corrupted: its content no longer matches its digest; it was "
-                                     "discarded, rerun to recompute it", self._where(name))
+            self._verify_inputs(name, step, digests)
         started = time.perf_counter()
         with self.store.staging() as out:
             # a step's own seed/dtype only where its params declare them (SeedParam, DtypeParam)

@@ -220,6 +220,29 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_entry(name, m, start: int, size: int, path) -> tuple[list[int], int]:
+    """One tensor's header entry checked (see check_header); its data_offsets and byte size."""
+    if not isinstance(m, dict):
+        raise HeaderError(path, f"tensor '{name}': entry is not an object")
+    dtype, shape, offs = m.get("dtype"), m.get("shape"), m.get("data_offsets")
+    if dtype not in ITEMSIZE:
+        raise HeaderError(path, f"tensor '{name}': unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise HeaderError(path, f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
+            and 0 <= offs[0] <= offs[1]):
+        raise HeaderError(path, f"tensor '{name}': data_offsets {offs!r} are not [begin, end] with "
+                                "0 <= begin <= end")
+    nbytes = TensorInfo(name, str(dtype), tuple(shape)).nbytes
+    if offs[1] - offs[0] != nbytes:
+        raise HeaderError(path, f"tensor '{name}': data_offsets {offs} span {offs[1] - offs[0]} bytes, "
+                                f"but {dtype} {shape} takes {nbytes}")
+    if start + offs[1] > size:
+        raise HeaderError(path, f"tensor '{name}': data_offsets {offs} run past the end of the file "
+                                f"({size - start} bytes of data)")
+    return offs, nbytes
+
+
 def check_header(header, start: int, size: int, path) -> None:
     """Refuse a header that does not describe the file: unknown dtypes, bad shapes, byte
     ranges that disagree with dtype x shape, run past the end of the file, or overlap."""
@@ -233,24 +256,7 @@ def check_header(header, start: int, size: int, path) -> None:
     for name, m in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(m, dict):
-            raise HeaderError(path, f"tensor '{name}': entry is not an object")
-        dtype, shape, offs = m.get("dtype"), m.get("shape"), m.get("data_offsets")
-        if dtype not in ITEMSIZE:
-            raise HeaderError(path, f"tensor '{name}': unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise HeaderError(path, f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
-                and 0 <= offs[0] <= offs[1]):
-            raise HeaderError(path, f"tensor '{name}': data_offsets {offs!r} are not [begin, end] with "
-                                    "0 <= begin <= end")
-        nbytes = TensorInfo(name, str(dtype), tuple(shape)).nbytes
-        if offs[1] - offs[0] != nbytes:
-            raise HeaderError(path, f"tensor '{name}': data_offsets {offs} span {offs[1] - offs[0]} bytes, "
-                                    f"but {dtype} {shape} takes {nbytes}")
-        if start + offs[1] > size:
-            raise HeaderError(path, f"tensor '{name}': data_offsets {offs} run past the end of the file "
-                                    f"({size - start} bytes of data)")
+        offs, nbytes = _check_entry(name, m, start, size, path)
         if nbytes:
             ranges.append((offs[0], offs[1], name))
     ranges.sort()

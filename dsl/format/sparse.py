@@ -105,6 +105,42 @@ def sparse_parts(specs) -> set[str]:
     return {n + suffix for n in specs for suffix in (MASK_SUFFIX, VALUES_SUFFIX)}
 
 
+def _check_sparse_spec(name: str, spec, header: dict, path) -> None:
+    """One ``weightflow.sparse`` entry checked against its ``::mask`` and ``::values`` tensors."""
+    what = f"sparse tensor '{name}'"
+    if not isinstance(spec, dict):
+        raise HeaderError(path, f"{what}: its '{SPARSE_META}' entry is not an object")
+    dtype, shape = spec.get("dtype"), spec.get("shape")
+    if dtype not in SPARSE_DTYPES:
+        raise HeaderError(path, f"{what}: dtype {dtype!r} is not one of {', '.join(SPARSE_DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise HeaderError(path, f"{what}: shape {shape!r} is not a list of non-negative integers")
+    if name in header:
+        raise HeaderError(path, f"{what} is also stored as a dense tensor")
+    stored: dict[str, dict] = {}
+    for part in (MASK_SUFFIX, VALUES_SUFFIX):
+        m = header.get(name + part)
+        if not isinstance(m, dict):
+            raise HeaderError(path, f"{what}: the file has no '{name}{part}' tensor")
+        stored[part] = m
+    mask, values = stored[MASK_SUFFIX], stored[VALUES_SUFFIX]
+    numel = _numel(shape)
+    nb = (numel + 7) // 8
+    if mask.get("dtype") != "U8" or mask.get("shape") != [nb]:
+        raise HeaderError(path, f"{what}: mask '{name}{MASK_SUFFIX}' is {mask.get('dtype')} "
+                                f"{mask.get('shape')}; {numel} elements need U8 [{nb}] "
+                                f"({nb} byte{'s' if nb != 1 else ''})")
+    if values.get("dtype") != dtype:
+        raise HeaderError(path, f"{what}: values '{name}{VALUES_SUFFIX}' are {values.get('dtype')}, "
+                                f"but the tensor is {dtype}")
+    vshape = values.get("shape")
+    if not (isinstance(vshape, list) and len(vshape) == 1 and isinstance(vshape[0], int)
+            and 0 <= vshape[0] <= numel):
+        raise HeaderError(path, f"{what}: values '{name}{VALUES_SUFFIX}' have shape {vshape}; expected "
+                                f"[count] with at most {numel} values (one per element)")
+
+
 def sparse_specs(header: dict, path) -> dict[str, dict]:
     """The ``weightflow.sparse`` entries of a safetensors header, checked against the
     ``::mask`` and ``::values`` tensors they describe; ``HeaderError`` (naming the file and
@@ -121,38 +157,7 @@ def sparse_specs(header: dict, path) -> dict[str, dict]:
     if not isinstance(specs, dict):
         raise HeaderError(path, f"__metadata__ '{SPARSE_META}' is not a JSON object")
     for name, spec in specs.items():
-        what = f"sparse tensor '{name}'"
-        if not isinstance(spec, dict):
-            raise HeaderError(path, f"{what}: its '{SPARSE_META}' entry is not an object")
-        dtype, shape = spec.get("dtype"), spec.get("shape")
-        if dtype not in SPARSE_DTYPES:
-            raise HeaderError(path, f"{what}: dtype {dtype!r} is not one of {', '.join(SPARSE_DTYPES)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise HeaderError(path, f"{what}: shape {shape!r} is not a list of non-negative integers")
-        if name in header:
-            raise HeaderError(path, f"{what} is also stored as a dense tensor")
-        stored: dict[str, dict] = {}
-        for part in (MASK_SUFFIX, VALUES_SUFFIX):
-            m = header.get(name + part)
-            if not isinstance(m, dict):
-                raise HeaderError(path, f"{what}: the file has no '{name}{part}' tensor")
-            stored[part] = m
-        mask, values = stored[MASK_SUFFIX], stored[VALUES_SUFFIX]
-        numel = _numel(shape)
-        nb = (numel + 7) // 8
-        if mask.get("dtype") != "U8" or mask.get("shape") != [nb]:
-            raise HeaderError(path, f"{what}: mask '{name}{MASK_SUFFIX}' is {mask.get('dtype')} "
-                                    f"{mask.get('shape')}; {numel} elements need U8 [{nb}] "
-                                    f"({nb} byte{'s' if nb != 1 else ''})")
-        if values.get("dtype") != dtype:
-            raise HeaderError(path, f"{what}: values '{name}{VALUES_SUFFIX}' are {values.get('dtype')}, "
-                                    f"but the tensor is {dtype}")
-        vshape = values.get("shape")
-        if not (isinstance(vshape, list) and len(vshape) == 1 and isinstance(vshape[0], int)
-                and 0 <= vshape[0] <= numel):
-            raise HeaderError(path, f"{what}: values '{name}{VALUES_SUFFIX}' have shape {vshape}; expected "
-                                    f"[count] with at most {numel} values (one per element)")
+        _check_sparse_spec(name, spec, header, path)
     return specs
 
 

@@ -9,8 +9,8 @@ and exits with status 2 -- never a Python traceback.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 
 @dataclass(frozen=True, order=True)

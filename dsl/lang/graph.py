@@ -6,7 +6,7 @@ checks here run on every ``validate``/``plan``/``run`` before anything heavy.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import networkx as nx
 

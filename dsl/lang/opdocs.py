@@ -19,7 +19,7 @@ def _models(spec) -> list[tuple[str | None, type[BaseModel]]]:
     for member in getattr(params, "__args__", ()) or ():
         for m in getattr(member, "__args__", ()) or (member,):
             if isinstance(m, type) and issubclass(m, BaseModel):
-                tag = m.model_fields[spec.discriminator].annotation.__args__[0]
+                tag = get_args(m.model_fields[spec.discriminator].annotation)[0]  # Literal["name"]
                 out.append((tag, m))
     return out
 
@@ -55,8 +55,7 @@ def _param_rows(model: type[BaseModel], skip: str | None) -> list[dict[str, Any]
     for name, info in model.model_fields.items():
         if name == skip:
             continue
-        default = None if info.is_required() else (
-            info.default_factory() if info.default_factory else info.default)
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
         rows.append({
             "name": info.alias or name,
             "type": _type_name(info),

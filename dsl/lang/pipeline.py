@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,7 @@ def _interpolate(value: Any, path: tuple, vars_: dict, col: _Collector, step: st
     return _VAR_ANY.sub(repl, value)
 
 
-def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:
+def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:  # noqa: C901
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             col.at_key((key,), f"unknown top-level key '{key}'{did_you_mean(key, TOP_LEVEL_KEYS)}; "
@@ -258,7 +259,8 @@ def _split_loc(loc: tuple, raw: Any, kind: str) -> tuple[tuple, tuple | None, st
     branch_at, branch = None, None
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
-        if can_walk and isinstance(cur, dict) and isinstance(part, (str, int)) and part in cur:
+        # two branches with the same body: each keeps its isinstance narrowing (for mypy)
+        if can_walk and isinstance(cur, dict) and isinstance(part, (str, int)) and part in cur:  # noqa: SIM114
             shown.append(part)
             cur = cur[part]
         elif can_walk and isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
@@ -296,8 +298,8 @@ def _walk(raw: Any, path: tuple) -> Any:
     return raw
 
 
-def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, col: _Collector,
-                    reported: set[tuple] = frozenset()):
+def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, col: _Collector,  # noqa: C901
+                    reported: AbstractSet[tuple] = frozenset()):
     base = ("steps", name)
     allowed = _param_names(spec, raw)
     entries = []
@@ -313,7 +315,7 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
     # the members shaped like the value (a list for a list...); if none is, all of them.
     by_union: dict[tuple, set[str]] = {}
     for _, _, _, at, branch in entries:
-        if at is not None:
+        if at is not None and branch is not None:  # _split_loc sets both or neither
             by_union.setdefault(at, set()).add(branch)
     keep: dict[tuple, set[str]] = {}
     for at, branches in by_union.items():
@@ -348,7 +350,7 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
             key = loc[-1] if loc else "?"
             opts = sorted(allowed) if len(loc) == 1 else []
             siblings = [m for m in missing.get(loc[:-1], ()) if isinstance(m, str)]
-            hint = did_you_mean(key, opts or siblings)
+            hint = did_you_mean(str(key), opts or siblings)
             exp = f"; expected one of: {', '.join(opts)}" if opts else ""
             col.at_key(base + loc, f"unknown parameter '{where}' for op '{spec.name}'{hint}{exp}", name)
         elif kind == "missing":
@@ -371,19 +373,19 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
 
     for loc, errs in generic.items():
         msgs, got = [], errs[0][0].get("input")
-        shown = f" (got {_short(got)})" if not isinstance(got, dict) else ""
+        got_note = f" (got {_short(got)})" if not isinstance(got, dict) else ""
         for err, kind in errs:
             msg = err.get("msg") or "invalid value"
             if kind in ("value_error", "assertion_error"):
                 # Our own validators' messages say what is wrong; drop pydantic's prefix.
                 msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
-                shown = ""
+                got_note = ""
             elif kind == "string_pattern_mismatch":
                 choices = _pattern_choices((err.get("ctx") or {}).get("pattern", ""))
                 if choices:
                     hint = did_you_mean(got, choices) if isinstance(got, str) else ""
                     msg = f"must be one of {', '.join(choices)}, got {_short(got)}{hint}"
-                    shown = ""
+                    got_note = ""
             msg = msg[0].lower() + msg[1:]
             if msg not in msgs:
                 msgs.append(msg)
@@ -394,9 +396,9 @@ def _pydantic_diags(exc: ValidationError, spec: OpSpec, raw: dict, name: str, co
             msg = "; or ".join(msgs)
         if not loc:
             # A check across several parameters (e.g. load's 'source' vs 'config').
-            col.at_key(base, f"invalid parameters for op '{spec.name}': {msg}{shown}", name)
+            col.at_key(base, f"invalid parameters for op '{spec.name}': {msg}{got_note}", name)
         else:
-            col.at_value(base + loc, f"parameter '{_fmt_loc(loc)}': {msg}{shown}", name)
+            col.at_value(base + loc, f"parameter '{_fmt_loc(loc)}': {msg}{got_note}", name)
 
 
 def _pattern_choices(pattern: str) -> list[str]:
@@ -491,7 +493,7 @@ def _param_names(spec: OpSpec, raw: dict) -> set[str]:
     return names
 
 
-def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collector, base_dir: Path):
+def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collector, base_dir: Path):  # noqa: C901
     if not isinstance(name, str) or not STEP_NAME.match(name):
         col.at_key(path, f"invalid step name {_short(name)}: use only letters, digits, '_' and '-' "
                    "(step names are used in paths)", name if isinstance(name, str) else None)
@@ -591,7 +593,7 @@ def parse_text(text: str, path: Path, display: str | None = None,
                                         "the pipeline nests too deeply to be checked")]) from None
 
 
-def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pipeline:
+def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pipeline:  # noqa: C901
     from weightflow.dsl.lang.graph import (
         check_graph,  # graph checks need parsed steps first
     )
@@ -657,10 +659,11 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
             p = Path(os.path.expanduser(target))
             outputs[name] = p if p.is_absolute() else path.parent / p
 
+    name_raw, description_raw = data.get("name"), data.get("description")
     pipeline = Pipeline(
         path=path,
-        name=data.get("name") if isinstance(data.get("name"), str) else path.stem,
-        description=data.get("description") if isinstance(data.get("description"), str) else "",
+        name=name_raw if isinstance(name_raw, str) else path.stem,
+        description=description_raw if isinstance(description_raw, str) else "",
         seed=seed,
         dtype=dtype,
         vars=vars_,
@@ -689,10 +692,10 @@ def load_pipeline(path: str | os.PathLike, var_overrides: dict | None = None) ->
             if not too_big:
                 raw = fh.read(MAX_FILE_BYTES + 1)
                 too_big = size_problem(len(raw), exact=False)
-    except FileNotFoundError:
-        raise PipelineError([Diagnostic(str(path), 1, 1, "pipeline file not found")])
+    except FileNotFoundError as exc:
+        raise PipelineError([Diagnostic(str(path), 1, 1, "pipeline file not found")]) from exc
     except OSError as exc:
-        raise PipelineError([Diagnostic(str(path), 1, 1, f"cannot read pipeline file: {exc}")])
+        raise PipelineError([Diagnostic(str(path), 1, 1, f"cannot read pipeline file: {exc}")]) from exc
     if too_big:
         raise PipelineError([Diagnostic(str(path), 1, 1, too_big)])
     try:

@@ -223,7 +223,7 @@ def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic
     return data, pos, diags
 
 
-def _load(text: str, filename: str,
+def _load(text: str, filename: str,  # noqa: C901
           noun: str = "the pipeline file") -> tuple[Any, Positions, list[Diagnostic], bool]:
     """load_yaml, plus whether the diagnostics are only about YAML syntax (not limits,
     duplicate keys or self-containing aliases)."""

@@ -149,7 +149,7 @@ def collect(pipeline, store, warn: Callable[[str], None] | None = None) -> list[
                 raise WeightflowError(f"step '{name}': cannot read its report: {exc}") from None
             rep_models = doc["report"].get("models") or []
             if len(rep_models) == len(doc["models"]):
-                for m, r in zip(doc["models"], rep_models):
+                for m, r in zip(doc["models"], rep_models, strict=True):
                     if m["digest"] and r.get("digest") and m["digest"] != r["digest"]:
                         m["note"] = "digest differs from the report's"
             else:  # not evaluate's layout: name the models by digest
@@ -207,7 +207,7 @@ def text_table(report: dict, names: list[str], title: str = "") -> str:
         lines.append(f"  {label}" + (f" ({kind})" if kind and kind != label else ""))
         for r in [header] + rows:
             lines.append("    " + "  ".join(c.ljust(w) if k == 0 else c.rjust(w)
-                                           for k, (c, w) in enumerate(zip(r, widths))).rstrip())
+                                           for k, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
     return "\n".join(lines)
 
 
@@ -272,7 +272,7 @@ def bar_chart(title: str, names: list[str], values: list, better=None) -> str:
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(caption)}">',
              f'<text x="{pad}" y="{pad + 12}" class="t">{_e(caption)}</text>']
-    for i, (name, v) in enumerate(zip(names, values)):
+    for i, (name, v) in enumerate(zip(names, values, strict=True)):
         y = pad + 20 + i * row_h
         parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(name)}</text>')
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -39,17 +39,19 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TypeGuard
 
 from weightflow.dsl.format.checkpoint import digest_directory, hash_file
 
 try:  # POSIX; elsewhere staging directories are simply never cleaned automatically
     import fcntl
 except ImportError:  # pragma: no cover
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # an optional module: None where it does not exist
 
 DEFAULT_ROOT = "~/.cache/weightflow"
 FORMAT = 2
@@ -74,7 +76,7 @@ def _stderr_warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def is_hex_id(value) -> bool:
+def is_hex_id(value) -> TypeGuard[str]:
     """A key or digest as the store spells them (lowercase hex); anything else is
     refused before it becomes a path."""
     return isinstance(value, str) and bool(_HEX.match(value))
@@ -137,10 +139,8 @@ def tree_size(root: Path) -> int:
     total = 0
     for dirpath, _, files in os.walk(root):
         for f in files:
-            try:
+            with suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
     return total
 
 
@@ -199,10 +199,8 @@ class Memo:
             conn.close()
             raise
         if not self._memory and self._local.inode is None:
-            try:
+            with suppress(OSError):
                 self._local.inode = os.stat(self.path).st_ino
-            except OSError:
-                pass
         return conn
 
     @property
@@ -219,10 +217,8 @@ class Memo:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
-            try:
+            with suppress(sqlite3.Error):
                 conn.close()
-            except sqlite3.Error:
-                pass
 
     def close(self) -> None:
         """Close this thread's connection (the next use reopens it)."""
@@ -479,16 +475,12 @@ class Store:
             who = f" (step '{step}')" if isinstance(step, str) else ""
             (warn or self.warn)(f"cache entry {key[:12]}{who} is corrupted: {problem}; "
                                 "discarding the entry and recomputing")
-            try:
+            with suppress(OSError):
                 p.unlink()
-            except OSError:
-                pass
             return None
         if touch:
-            try:
+            with suppress(OSError):  # a read-only store: last use is simply not recorded
                 os.utime(p)
-            except OSError:
-                pass  # a read-only store: last use is simply not recorded
         return Entry(key=key, digest=digest, kind=manifest.get("kind", ""), path=obj, manifest=manifest)
 
     def verify(self, entry: Entry, deep: bool | None = None) -> bool:
@@ -527,10 +519,8 @@ class Store:
         self.discard_object(entry.digest)
 
     def discard_action(self, key: str) -> None:
-        try:
+        with suppress(FileNotFoundError):
             self.action_path(key).unlink()
-        except FileNotFoundError:
-            pass
 
     def discard_object(self, digest: str) -> None:
         """Remove an object (its provenance records stay: they remain true, and a
@@ -577,10 +567,8 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
             if fd is not None:
-                try:
+                with suppress(OSError):
                     lock.unlink()
-                except OSError:
-                    pass
                 os.close(fd)
 
     def clean_stale_staging(self, dry_run: bool = False) -> list[Path]:
@@ -598,32 +586,9 @@ class Store:
             return []
         removed = []
         for ident in idents:
-            target, lock = base / ident, base / f"{ident}.lock"
-            try:
-                fd = os.open(lock, os.O_RDWR)
-            except FileNotFoundError:
-                fd = None
-            except OSError:
-                continue
-            try:
-                if fd is not None and (not _try_lock(fd) or not _same_file(fd, lock)):
-                    continue  # a live owner (or someone else is cleaning it right now)
-                exists = target.exists() or target.is_symlink()
-                if exists:
-                    removed.append(target)
-                if dry_run:
-                    continue
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target, ignore_errors=True)
-                elif exists:
-                    target.unlink(missing_ok=True)
-                if fd is not None:
-                    lock.unlink(missing_ok=True)
-            except OSError:
-                continue
-            finally:
-                if fd is not None:
-                    os.close(fd)
+            target = base / ident
+            if _remove_if_stale(target, base / f"{ident}.lock", dry_run):
+                removed.append(target)
         return removed
 
     def publish(self, key: str, staged: Path, digest: str, manifest: dict) -> Entry:
@@ -693,7 +658,7 @@ class Store:
                     out.append(m)
         return out
 
-    def collect(self, keep_keys: set[str] = frozenset(), older_than_days: float = 14.0,
+    def collect(self, keep_keys: AbstractSet[str] = frozenset(), older_than_days: float = 14.0,
                 dry_run: bool = False, now: float | None = None) -> dict:
         """Garbage collection: see ``weightflow gc --help``.
 
@@ -705,6 +670,32 @@ class Store:
         """
         now = time.time() if now is None else now
         cutoff = now - older_than_days * 86400.0
+        kept_actions, dropped = self._gc_actions(keep_keys, cutoff)
+        kept_digests = set(kept_actions.values())
+        drop_objects, orphans = self._gc_objects(kept_digests, dropped, cutoff, now)
+        for row in dropped:
+            row.setdefault("bytes", 0)  # the object stays (a kept entry shares it) or is gone
+        stale = self.clean_stale_staging(dry_run=dry_run)
+        if not dry_run:
+            self._gc_remove(dropped, drop_objects, now)
+        for row in dropped:
+            row.pop("_path", None)
+        entries = dropped + orphans
+        return {
+            "dry_run": dry_run,
+            "older_than_days": older_than_days,
+            "removed": entries,
+            "actions": len(dropped),
+            "objects": len(drop_objects),
+            "bytes": sum(s for _, _, s in drop_objects),
+            "kept_actions": len(kept_actions),
+            "kept_by_lock": sum(k in keep_keys for k in kept_actions),
+            "kept_objects": len(kept_digests),
+            "staging": [str(p) for p in stale],
+        }
+
+    def _gc_actions(self, keep_keys: AbstractSet[str], cutoff: float) -> tuple[dict[str, str], list[dict]]:
+        """collect's first pass: the actions kept (key -> digest) and the rows of those dropped."""
         kept_actions: dict[str, str] = {}
         dropped: list[dict] = []
         for key, apath in self.actions():
@@ -721,7 +712,12 @@ class Store:
                             "pipeline": m.get("pipeline"), "kind": m.get("kind"),
                             "created": m.get("created"), "last_used": _iso(last),
                             "reason": "unused" if digest else "unreadable", "_path": apath})
-        kept_digests = set(kept_actions.values())
+        return kept_actions, dropped
+
+    def _gc_objects(self, kept_digests: set[str], dropped: list[dict], cutoff: float,
+                    now: float) -> tuple[list[tuple[str, Path, int]], list[dict]]:
+        """collect's second pass: the objects to remove (digest, path, size), and rows for the
+        orphans among them; sets ``bytes`` on the dropped actions' rows whose object goes."""
         by_digest: dict[str, list[dict]] = {}
         for row in dropped:
             if row["digest"]:
@@ -750,43 +746,59 @@ class Store:
                             "pipeline": rec.get("pipeline"), "kind": rec.get("kind"),
                             "created": rec.get("created"), "last_used": _iso(age),
                             "reason": "no entry refers to it", "bytes": size})
+        return drop_objects, orphans
+
+    def _gc_remove(self, dropped: list[dict], drop_objects: list[tuple[str, Path, int]], now: float) -> None:
+        """collect's removals (not in a dry run)."""
         for row in dropped:
-            row.setdefault("bytes", 0)  # the object stays (a kept entry shares it) or is gone
-        stale = self.clean_stale_staging(dry_run=dry_run)
-        if not dry_run:
-            for row in dropped:
-                row["_path"].unlink(missing_ok=True)
-                if row["digest"]:
-                    self.record_path(row["digest"], row["key"]).unlink(missing_ok=True)
-            for digest, opath, _ in drop_objects:
-                shutil.rmtree(opath, ignore_errors=True)
-                shutil.rmtree(self.record_dir(digest), ignore_errors=True)
-                self.memo.set_verified(digest, None)
-            # provenance records of objects that no longer exist
-            base = self.root / "manifests"
-            if base.is_dir():
-                for d in base.glob("*/*"):
-                    try:
-                        young = d.stat().st_mtime >= now - ORPHAN_GRACE_S
-                    except OSError:
-                        continue
-                    if not young and not self.object_path(d.name).is_dir():
-                        shutil.rmtree(d, ignore_errors=True)
-        for row in dropped:
-            row.pop("_path", None)
-        entries = dropped + orphans
-        return {
-            "dry_run": dry_run,
-            "older_than_days": older_than_days,
-            "removed": entries,
-            "actions": len(dropped),
-            "objects": len(drop_objects),
-            "bytes": sum(s for _, _, s in drop_objects),
-            "kept_actions": len(kept_actions),
-            "kept_by_lock": sum(k in keep_keys for k in kept_actions),
-            "kept_objects": len(kept_digests),
-            "staging": [str(p) for p in stale],
-        }
+            row["_path"].unlink(missing_ok=True)
+            if row["digest"]:
+                self.record_path(row["digest"], row["key"]).unlink(missing_ok=True)
+        for digest, opath, _ in drop_objects:
+            shutil.rmtree(opath, ignore_errors=True)
+            shutil.rmtree(self.record_dir(digest), ignore_errors=True)
+            self.memo.set_verified(digest, None)
+        # provenance records of objects that no longer exist
+        base = self.root / "manifests"
+        if base.is_dir():
+            for d in base.glob("*/*"):
+                try:
+                    young = d.stat().st_mtime >= now - ORPHAN_GRACE_S
+                except OSError:
+                    continue
+                if not young and not self.object_path(d.name).is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_if_stale(target: Path, lock: Path, dry_run: bool) -> bool:
+    """Remove one staging directory (and its lock file) unless a live owner holds the lock
+    or ``dry_run``; whether it was stale and existed (see ``Store.clean_stale_staging``)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        fd = None
+    except OSError:
+        return False
+    stale = False
+    try:
+        if fd is not None and (not _try_lock(fd) or not _same_file(fd, lock)):
+            return False  # a live owner (or someone else is cleaning it right now)
+        exists = target.exists() or target.is_symlink()
+        stale = exists
+        if dry_run:
+            return stale
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        elif exists:
+            target.unlink(missing_ok=True)
+        if fd is not None:
+            lock.unlink(missing_ok=True)
+    except OSError:
+        return stale
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return stale
 
 
 def _iso(ts: float) -> str:

@@ -17,9 +17,10 @@ import re
 import shutil
 import tempfile
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from weightflow.dsl.lang.diagnostics import WeightflowError
 from weightflow.dsl.store.content import write_atomic
@@ -70,7 +71,7 @@ def _refusal(path: Path, store_root: Path, pipeline_dir: Path | None) -> str | N
         return "it is weightflow's store"
     if store in real.parents:
         return f"it is inside weightflow's store ({store})"
-    places = []
+    places: list[tuple[str, Path | None]] = []
     if pipeline_dir is not None:
         pdir = Path(pipeline_dir).resolve()
         if real == pdir:
@@ -171,13 +172,7 @@ def check_export_target(target, *, store_root, pipeline_dir=None, force: bool = 
     except OSError as exc:
         raise ExportError(f"cannot export to {path}: {exc.strerror or exc}") from None
     if not exists:
-        for parent in path.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise ExportError(f"cannot export to {path}: {parent} is a file, not a directory")
-                break
-            if parent.is_symlink():
-                raise ExportError(f"cannot export to {path}: {parent} is a broken symbolic link")
+        _check_parents(path)
         return ExportTarget(path, "absent")
     if not is_dir:
         raise ExportError(f"refusing to export to {path}: it is a file, not a directory; weightflow "
@@ -194,6 +189,29 @@ def check_export_target(target, *, store_root, pipeline_dir=None, force: bool = 
                           f"has no {EXPORT_MARKER}, so weightflow did not write it; weightflow never "
                           f"replaces such a directory (not even with {force_flag}): choose a new or "
                           "empty directory, or empty this one yourself")
+    digest, files, known_dirs = _read_marker(path, force_flag)
+    try:
+        changes = _changes(path, files, known_dirs)
+    except OSError as exc:
+        raise ExportError(f"cannot export to {path}: cannot read it: {exc.strerror or exc}") from None
+    if changes and not force:
+        _refuse_changed(path, changes, force_flag)
+    return ExportTarget(path, "export", digest, changes)
+
+
+def _check_parents(path: Path) -> None:
+    """A missing export target: its nearest existing parent must be a directory."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"cannot export to {path}: {parent} is a file, not a directory")
+            break
+        if parent.is_symlink():
+            raise ExportError(f"cannot export to {path}: {parent} is a broken symbolic link")
+
+
+def _read_marker(path: Path, force_flag: str) -> tuple[str, dict[str, tuple[int, int]], set[str]]:
+    """The (digest, files, dirs) an export's marker records; ExportError if it is unreadable."""
     try:
         record = _marker_record(json.loads((path / EXPORT_MARKER).read_text(encoding="utf-8")))
     except (OSError, ValueError):
@@ -203,18 +221,15 @@ def check_export_target(target, *, store_root, pipeline_dir=None, force: bool = 
                           "weightflow can read, so what weightflow wrote there is unknown; it is left "
                           f"as it is (not even {force_flag} replaces it): remove it yourself or "
                           "choose another directory")
-    digest, files, known_dirs = record
-    try:
-        changes = _changes(path, files, known_dirs)
-    except OSError as exc:
-        raise ExportError(f"cannot export to {path}: cannot read it: {exc.strerror or exc}") from None
-    if changes and not force:
-        listed = ", ".join(changes[:_LISTED])
-        if len(changes) > _LISTED:
-            listed += f" and {len(changes) - _LISTED} more"
-        raise ExportError(f"refusing to export to {path}: it was changed since weightflow exported it: "
-                          f"{listed}; rerun with {force_flag} to replace it (those changes are lost)")
-    return ExportTarget(path, "export", digest, changes)
+    return record
+
+
+def _refuse_changed(path: Path, changes: list[str], force_flag: str) -> NoReturn:
+    listed = ", ".join(changes[:_LISTED])
+    if len(changes) > _LISTED:
+        listed += f" and {len(changes) - _LISTED} more"
+    raise ExportError(f"refusing to export to {path}: it was changed since weightflow exported it: "
+                      f"{listed}; rerun with {force_flag} to replace it (those changes are lost)")
 
 
 @contextmanager
@@ -271,10 +286,8 @@ def disk_full_error(exc: OSError, directory=None, needed: int | None = None, wha
     if directory is not None:
         directory = _existing(Path(directory))
         msg += f" in {directory}"
-        try:
+        with suppress(OSError):
             free = shutil.disk_usage(directory).free
-        except OSError:
-            pass
     if what:
         msg += f" while writing {what}"
     sizes = ([f"it needs {_size(needed)}"] if needed is not None else []) + \

@@ -59,14 +59,29 @@ def read(path: Path) -> dict[str, LockEntry]:
     which would let the next run overwrite it.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    text = _read_text(path)
+    if text is None:
         return {}
+    node, data = _parse(path, text)
+    if data is None:  # an empty file: nothing locked yet
+        return {}
+    return _entries(path, node, data)
+
+
+def _read_text(path: Path) -> str | None:
+    """The lock file's text; None when there is no lock file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
     except UnicodeDecodeError:
         raise LockfileError(f"{path}: the lock file is not UTF-8 text; {_HINT}") from None
     except OSError as exc:
         raise LockfileError(f"{path}: cannot read the lock file: {exc.strerror or exc}; {_HINT}") from None
+
+
+def _parse(path: Path, text: str):
+    """(node, data) of the lock file's YAML."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -79,34 +94,37 @@ def read(path: Path) -> dict[str, LockEntry]:
         raise LockfileError(f"{where}: the lock file is not valid YAML: {problem}; {_HINT}") from None
     except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
         raise LockfileError(f"{path}: the lock file is not valid YAML: {exc}; {_HINT}") from None
-    if data is None:  # an empty file: nothing locked yet
-        return {}
+    return node, data
 
-    def bad(what: str, at=None):
-        return LockfileError(f"{_where(path, at if at is not None else node)}: not a weightflow lock "
-                             f"file: {what}; {_HINT}")
 
+def _bad(path: Path, node, what: str, at=None) -> LockfileError:
+    return LockfileError(f"{_where(path, at if at is not None else node)}: not a weightflow lock "
+                         f"file: {what}; {_HINT}")
+
+
+def _entries(path: Path, node, data) -> dict[str, LockEntry]:
+    """The entries of a parsed lock file, its shape checked (``node``: where to point)."""
     if not isinstance(data, dict):
-        raise bad(f"expected a mapping with 'steps', got {_kind(data)}")
+        raise _bad(path, node, f"expected a mapping with 'steps', got {_kind(data)}")
     version = data.get("weightflow", FORMAT)
     if version != FORMAT:
-        raise bad(f"lock file format {version!r} is not the one this weightflow reads ({FORMAT})",
-                  _child(node, "weightflow"))
+        raise _bad(path, node, f"lock file format {version!r} is not the one this weightflow reads ({FORMAT})",
+                   _child(node, "weightflow"))
     if "steps" not in data:
-        raise bad("it has no 'steps'")
+        raise _bad(path, node, "it has no 'steps'")
     steps = data["steps"]
     if steps is None:
         return {}
     if not isinstance(steps, dict):
-        raise bad(f"'steps' must be a mapping of step name -> op, key and digest, got {_kind(steps)}",
-                  _child(node, "steps"))
+        raise _bad(path, node, f"'steps' must be a mapping of step name -> op, key and digest, got "
+                   f"{_kind(steps)}", _child(node, "steps"))
     steps_node = _child(node, "steps")
     out = {}
     for name, e in steps.items():
         if not (isinstance(e, dict) and all(isinstance(e.get(f), str) and e.get(f)
                                             for f in ("op", "key", "digest"))):
-            raise bad(f"step '{name}' must have string op, key and digest, got "
-                      f"{e!r:.80}", _child(steps_node, str(name)))
+            raise _bad(path, node, f"step '{name}' must have string op, key and digest, got "
+                       f"{e!r:.80}", _child(steps_node, str(name)))
         out[str(name)] = LockEntry(e["op"], e["key"], e["digest"])
     return out
 

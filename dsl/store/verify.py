@@ -19,6 +19,7 @@ Torch is never imported.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from weightflow.dsl.lang.diagnostics import WeightflowError
 from weightflow.dsl.store.content import Store, is_hex_id, tree_size
@@ -61,33 +62,18 @@ def verify_store(store: Store, scope: dict[str, dict] | None = None, deep: bool 
     by_digest: dict[str, list[dict]] = {}
     checked = 0
     for key, ctx in keys.items():
-        base = {"key": key, "step": ctx.get("step"), "pipeline": ctx.get("pipeline"), "digest": None}
+        base: dict[str, Any] = {"key": key, "step": ctx.get("step"), "pipeline": ctx.get("pipeline"),
+                                "digest": None}
         if not is_hex_id(key) or not store.action_path(key).exists():
             if scope is not None:
                 missing.append(base)
             continue
         checked += 1
-        m = store.read_action(key)
-        if m is not None:
-            base["step"] = m.get("step") if isinstance(m.get("step"), str) else base["step"]
-            base["pipeline"] = m.get("pipeline") if isinstance(m.get("pipeline"), str) else base["pipeline"]
-        digest = m.get("digest") if m is not None else None
-        if m is None or not is_hex_id(digest):
-            problems.append({**base, "problem": "unreadable-action"})
-            continue
-        base["digest"] = digest
-        if m.get("key") != key:
-            problems.append({**base, "problem": "wrong-key",
-                             "detail": f"it names key {str(m.get('key'))[:12]}"})
-            continue
-        if not store.object_path(digest).is_dir():
-            problems.append({**base, "problem": "missing-object"})
-            continue
-        why = store.provenance_problem(key, digest, m)
-        if why:
-            problems.append({**base, "problem": "unrecorded", "detail": why})
-            continue
-        by_digest.setdefault(digest, []).append(base)
+        problem = _entry_problem(store, key, base)
+        if problem is not None:
+            problems.append(problem)
+        else:
+            by_digest.setdefault(base["digest"], []).append(base)
     hashed_bytes = 0
     for digest, rows in by_digest.items():
         if deep:
@@ -99,17 +85,7 @@ def verify_store(store: Store, scope: dict[str, dict] | None = None, deep: bool 
         p.pop("detail", None)
         p["repaired"] = False
     if repair:
-        corrupt = {p["digest"] for p in problems if p["problem"] == "corrupt-object"}
-        for key, apath in list(store.actions()):  # every action pointing at a corrupt object
-            m = store.read_action(key) or {}
-            if m.get("digest") in corrupt:
-                store.discard_action(key)
-        for digest in corrupt:
-            store.discard_object(digest)
-        for p in problems:
-            if p["problem"] != "corrupt-object":
-                store.discard_action(p["key"])
-            p["repaired"] = not store.action_path(p["key"]).exists()
+        _repair(store, problems)
     return {
         "store": str(store.root),
         "deep": deep,
@@ -120,3 +96,39 @@ def verify_store(store: Store, scope: dict[str, dict] | None = None, deep: bool 
         "missing": missing,
         "ok": all(p["repaired"] for p in problems),
     }
+
+
+def _entry_problem(store: Store, key: str, base: dict) -> dict | None:
+    """Check the action of ``key`` (which exists), filling in ``base``'s step, pipeline and
+    digest from it: its problem row, or None when all but the content check pass."""
+    m = store.read_action(key)
+    if m is not None:
+        base["step"] = m.get("step") if isinstance(m.get("step"), str) else base["step"]
+        base["pipeline"] = m.get("pipeline") if isinstance(m.get("pipeline"), str) else base["pipeline"]
+    digest = m.get("digest") if m is not None else None
+    if m is None or not is_hex_id(digest):
+        return {**base, "problem": "unreadable-action"}
+    base["digest"] = digest
+    if m.get("key") != key:
+        return {**base, "problem": "wrong-key", "detail": f"it names key {str(m.get('key'))[:12]}"}
+    if not store.object_path(digest).is_dir():
+        return {**base, "problem": "missing-object"}
+    why = store.provenance_problem(key, digest, m)
+    if why:
+        return {**base, "problem": "unrecorded", "detail": why}
+    return None
+
+
+def _repair(store: Store, problems: list[dict]) -> None:
+    """Discard what ``problems`` found bad (see the module doc); mark each row repaired or not."""
+    corrupt = {p["digest"] for p in problems if p["problem"] == "corrupt-object"}
+    for key, _apath in list(store.actions()):  # every action pointing at a corrupt object
+        m = store.read_action(key) or {}
+        if m.get("digest") in corrupt:
+            store.discard_action(key)
+    for digest in corrupt:
+        store.discard_object(digest)
+    for p in problems:
+        if p["problem"] != "corrupt-object":
+            store.discard_action(p["key"])
+        p["repaired"] = not store.action_path(p["key"]).exists()

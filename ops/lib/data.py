@@ -109,7 +109,7 @@ def _json(text: str, path: Path, line: int | None = None):
         raise OpError(f"{where}: not valid JSON ({exc})") from None
 
 
-def read_records(path: Path, limit: int | None = None) -> list[dict]:
+def read_records(path: Path, limit: int | None = None) -> list[dict]:  # noqa: C901
     """The examples of a data file as dicts (first ``limit`` only, when given)."""
     path = Path(path)
     text = str(path)

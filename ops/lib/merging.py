@@ -19,8 +19,9 @@ Params classes shared by the methods live here too; they import no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -104,10 +105,7 @@ def stream_merge(ctx, template, template_dir, compute: Callable, dtype: str,
             if is_float and before is not None:
                 before(info.name)
             for lo, hi in row_ranges(info.shape):
-                if is_float:
-                    t = compute(info.name, lo, hi).to(TORCH_DTYPES[dtype])
-                else:
-                    t = template.get(info.name, lo, hi)
+                t = compute(info.name, lo, hi).to(TORCH_DTYPES[dtype]) if is_float else template.get(info.name, lo, hi)
                 writer.append(info.name, tensor_buffer(t))
             bar.update(1)
     writer.close()
@@ -255,7 +253,7 @@ def _l1_factor(chunks, masks) -> float:
     import torch
 
     total = kept = 0.0
-    for c, m in zip(chunks, masks):
+    for c, m in zip(chunks, masks, strict=True):
         total += float(c.abs().sum(dtype=torch.float64))
         kept += float((c.abs() * m).sum(dtype=torch.float64))
     return total / kept if kept > 0 else 0.0
@@ -340,6 +338,14 @@ class DeltaRecipe:
     extra: dict = field(default_factory=dict)
 
 
+def _warn_other_bases(deltas: list, base_art, ctx) -> None:
+    for d in deltas:
+        taken = d.art.meta.get("base")
+        if taken and taken != base_art.digest:
+            ctx.warn(f"delta '{d.art.step}' was taken against base {ctx.name_of(taken)} but is applied "
+                     f"to base {ctx.name_of(base_art.digest)} (patching onto a different base)")
+
+
 def merge_deltas(inputs, p, ctx, recipe: DeltaRecipe) -> dict:
     """``base + λ·combine(select(δᵢ))``, tensor by tensor in row chunks."""
     import torch
@@ -350,11 +356,7 @@ def merge_deltas(inputs, p, ctx, recipe: DeltaRecipe) -> dict:
     base_art = inputs["base"]
     base = Checkpoint(base_art.path, label=f"base '{base_art.step}'")
     deltas = [DeltaInput(a, base, p.vocab) for a in inputs["deltas"]]
-    for d in deltas:
-        taken = d.art.meta.get("base")
-        if taken and taken != base_art.digest:
-            ctx.warn(f"delta '{d.art.step}' was taken against base {ctx.name_of(taken)} but is applied "
-                     f"to base {ctx.name_of(base_art.digest)} (patching onto a different base)")
+    _warn_other_bases(deltas, base_art, ctx)
     weights = list(p.weights) if p.weights is not None else [1.0] * len(deltas)
     consensus = recipe.consensus(p)
     normalize = getattr(p, "normalize", False) if consensus else False
@@ -409,7 +411,7 @@ def ties_combine(terms: list, ws: list[float], normalize: bool):
     zero = torch.zeros((), dtype=torch.float32)
     mixed = torch.zeros_like(terms[0])
     divisor = torch.zeros_like(terms[0]) if normalize else None
-    for t, w in zip(terms, ws):
+    for t, w in zip(terms, ws, strict=True):
         agree = torch.where(positive, t > 0, t < 0)
         mixed.add_(torch.where(agree, t, zero))
         if divisor is not None:

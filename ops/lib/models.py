@@ -15,7 +15,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -92,6 +94,42 @@ def load_model(model_dir: Path, device: str = "cpu"):
 _DERIVED = re.compile(r"(^|\.)position_ids$|rotary_emb\.inv_freq$")
 
 
+@dataclass(frozen=True)
+class _Naming:
+    """How ``check_loaded`` finds a model tensor's name in the files, and says where it is."""
+
+    ckpt: Any
+    label: str
+    prefix: str
+    has_head: bool
+    files: frozenset[str]
+
+    def in_head(self, key: str) -> bool:
+        return self.has_head and not key.startswith(self.prefix + ".")
+
+    def file_key(self, key: str) -> str | None:
+        """The file's name for model tensor ``key`` (with or without the base-model prefix)."""
+        prefix = self.prefix
+        cands = [key]
+        if prefix:
+            cands.append(key[len(prefix) + 1:] if key.startswith(prefix + ".") else f"{prefix}.{key}")
+        for c in list(cands):  # LayerNorm's old names
+            if c.endswith(".weight"):
+                cands.append(c[: -len("weight")] + "gamma")
+            elif c.endswith(".bias"):
+                cands.append(c[: -len("bias")] + "beta")
+        return next((c for c in cands if c in self.files), None)
+
+    def where(self, name: str | None) -> str:
+        if self.ckpt is not None and name in self.files:
+            return f"in {self.ckpt.file_of(name).name} of {self.label}"
+        return f"in {self.label}"
+
+
+def _desc(t) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+
 def check_loaded(model, info: dict, ckpt, label: str, new_head: bool, compare_values: bool = False,
                  check_unexpected: bool = True) -> dict:
     """Check that transformers filled ``model`` from the files, not from its random init.
@@ -107,35 +145,13 @@ def check_loaded(model, info: dict, ckpt, label: str, new_head: bool, compare_va
     dtype.  Returns {"initialised": [names], "dropped": [names]}; raises OpError naming the
     file and the tensor otherwise.
     """
-    from weightflow.ops.lib.tensors import FLOAT_ST
-
     arch = type(model).__name__
     prefix = getattr(model, "base_model_prefix", "") or ""
     base = getattr(model, prefix, None) if prefix else None
     has_head = isinstance(base, torch.nn.Module) and base is not model
     files = set(ckpt.names()) if ckpt is not None else set()
     file_prefixed = bool(prefix) and any(n.startswith(prefix + ".") for n in files)
-
-    def in_head(key: str) -> bool:
-        return has_head and not key.startswith(prefix + ".")
-
-    def file_key(key: str) -> str | None:
-        """The file's name for model tensor ``key`` (with or without the base-model prefix)."""
-        cands = [key]
-        if prefix:
-            cands.append(key[len(prefix) + 1:] if key.startswith(prefix + ".") else f"{prefix}.{key}")
-        for c in list(cands):  # LayerNorm's old names
-            if c.endswith(".weight"):
-                cands.append(c[: -len("weight")] + "gamma")
-            elif c.endswith(".bias"):
-                cands.append(c[: -len("bias")] + "beta")
-        return next((c for c in cands if c in files), None)
-
-    def where(name: str | None) -> str:
-        return f"in {ckpt.file_of(name).name} of {label}" if ckpt is not None and name in files else f"in {label}"
-
-    def desc(t) -> str:
-        return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+    naming = _Naming(ckpt, label, prefix, has_head, frozenset(files))
 
     state = model.state_dict(keep_vars=True)
     problems: list[str] = []
@@ -144,15 +160,15 @@ def check_loaded(model, info: dict, ckpt, label: str, new_head: bool, compare_va
     mismatched = set()
     for key, stored, expected in info.get("mismatched_keys") or []:
         mismatched.add(key)
-        fk = file_key(key) or key
-        problems.append(f"tensor '{fk}' {where(fk)} has shape {list(stored)}; {arch} expects {list(expected)}")
+        fk = naming.file_key(key) or key
+        problems.append(f"tensor '{fk}' {naming.where(fk)} has shape {list(stored)}; {arch} expects {list(expected)}")
     initialised = []
     for key in sorted(set(info.get("missing_keys") or []) - mismatched):
-        if new_head and in_head(key):
+        if new_head and naming.in_head(key):
             initialised.append(key)
         else:
             t = state.get(key)
-            problems.append(f"tensor '{key}'{f' ({desc(t)})' if t is not None else ''} of {arch} is in no "
+            problems.append(f"tensor '{key}'{f' ({_desc(t)})' if t is not None else ''} of {arch} is in no "
                             f"file of {label}; it would be randomly initialised")
     dropped = []
     for key in sorted(info.get("unexpected_keys") or []):
@@ -161,33 +177,42 @@ def check_loaded(model, info: dict, ckpt, label: str, new_head: bool, compare_va
         if new_head and file_prefixed and not key.startswith(prefix + "."):
             dropped.append(key)  # the old head, replaced by the new one
         else:
-            problems.append(f"tensor '{key}' {where(key)} is not part of {arch}")
+            problems.append(f"tensor '{key}' {naming.where(key)} is not part of {arch}")
     if ckpt is not None and not problems:
-        skip = set(initialised) | mismatched
-        for key, t in state.items():
-            fk = None if key in skip else file_key(key)
-            if fk is None:  # initialised, tied to another tensor, or converted by transformers
-                continue
-            stored = ckpt.info[fk]
-            if tuple(stored.shape) != tuple(t.shape):
-                problems.append(f"tensor '{fk}' {where(fk)} has shape {list(stored.shape)}; {arch} expects "
-                                f"{list(t.shape)}")
-            elif t.is_floating_point() != (stored.dtype in FLOAT_ST):
-                kind = "a floating-point" if t.is_floating_point() else f"a {str(t.dtype).removeprefix('torch.')}"
-                problems.append(f"tensor '{fk}' {where(fk)} is {stored.dtype}; {arch} expects {kind} tensor "
-                                "there")
-            elif compare_values and t.device.type != "meta":
-                want = ckpt.get(fk).to(t.dtype)
-                got = t.detach()
-                same = torch.equal(got, want) or (t.is_floating_point() and
-                                                  bool(((got == want) | (got.isnan() & want.isnan())).all()))
-                if not same:
-                    problems.append(f"tensor '{fk}' {where(fk)} is not what {arch} holds after loading "
-                                    "(its values differ)")
+        problems += _file_problems(state, naming, set(initialised) | mismatched, arch, compare_values)
     if problems:
         more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
         raise OpError(f"{label} does not fit {arch}: " + "; ".join(problems[:6]) + more)
     return {"initialised": initialised, "dropped": dropped}
+
+
+def _file_problems(state: dict, naming: _Naming, skip: set[str], arch: str, compare_values: bool) -> list[str]:
+    """``check_loaded``'s per-file checks of the tensors the model took from the files."""
+    from weightflow.ops.lib.tensors import FLOAT_ST
+
+    ckpt, where = naming.ckpt, naming.where
+    problems: list[str] = []
+    for key, t in state.items():
+        fk = None if key in skip else naming.file_key(key)
+        if fk is None:  # initialised, tied to another tensor, or converted by transformers
+            continue
+        stored = ckpt.info[fk]
+        if tuple(stored.shape) != tuple(t.shape):
+            problems.append(f"tensor '{fk}' {where(fk)} has shape {list(stored.shape)}; {arch} expects "
+                            f"{list(t.shape)}")
+        elif t.is_floating_point() != (stored.dtype in FLOAT_ST):
+            kind = "a floating-point" if t.is_floating_point() else f"a {str(t.dtype).removeprefix('torch.')}"
+            problems.append(f"tensor '{fk}' {where(fk)} is {stored.dtype}; {arch} expects {kind} tensor "
+                            "there")
+        elif compare_values and t.device.type != "meta":
+            want = ckpt.get(fk).to(t.dtype)
+            got = t.detach()
+            same = torch.equal(got, want) or (t.is_floating_point() and
+                                              bool(((got == want) | (got.isnan() & want.isnan())).all()))
+            if not same:
+                problems.append(f"tensor '{fk}' {where(fk)} is not what {arch} holds after loading "
+                                "(its values differ)")
+    return problems
 
 
 def is_causal_lm(model) -> bool:

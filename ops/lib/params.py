@@ -9,7 +9,7 @@ tensors differently, or patch only the shallow layers (Robust Weight Signatures)
 from __future__ import annotations
 
 import fnmatch
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -34,7 +34,7 @@ def _default_last(rules: list[Rule]) -> list[Rule]:
 
 
 RuleList = Annotated[list[Rule], AfterValidator(_default_last)]
-PerTensor = Union[FiniteFloat, RuleList]
+PerTensor = FiniteFloat | RuleList
 
 
 def resolve(value: PerTensor, tensor: str) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
@@ -86,7 +86,7 @@ class LoraParams(AliasedParams):
                                "(alias: lora_alpha)")
     dropout: FiniteFloat = Field(0.0, ge=0, lt=1, validation_alias=aliased("dropout", "lora_dropout"),
                                  description="dropout on the adapter input (alias: lora_dropout)")
-    target_modules: Union[list[str], Literal["all-linear"], None] = Field(
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, validation_alias=aliased("target_modules", "lora_target_modules"),
         description="module names (or name suffixes) to adapt, or 'all-linear'; default: peft's "
         "choice for the architecture (e.g. q_proj, v_proj for Llama; query, value for BERT)")

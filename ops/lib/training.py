@@ -23,9 +23,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +127,7 @@ def read_data(params: TrainParams, path: Path, task: str) -> list[dict]:
     return rows
 
 
-def label_ids(model, files: list[tuple[Path, list[dict]]], field: str) -> dict | None:
+def label_ids(model, files: list[tuple[Path, list[dict]]], field: str) -> dict | None:  # noqa: C901
     """Map string labels to class ids (None: the labels are ints already).
 
     A model whose labels have names (``id2label`` other than LABEL_0, ...) keeps them and
@@ -210,7 +210,7 @@ class Encoder:
                           f"vocabulary of {self.vocab}")
         return value
 
-    def encode(self, path: Path, rows: list[dict]) -> list[Example]:
+    def encode(self, path: Path, rows: list[dict]) -> list[Example]:  # noqa: C901
         p, out, dropped = self.p, [], 0
         for i, row in enumerate(rows, 1):
             if "input_ids" in row:

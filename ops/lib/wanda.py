@@ -176,7 +176,7 @@ def pad_batches(samples: list[torch.Tensor], batch_size: int, pad: int, device: 
     return out
 
 
-def prune(model, *, method: str, sparsity: float, nm: tuple[int, int] | None, group: str,
+def prune(model, *, method: str, sparsity: float, nm: tuple[int, int] | None, group: str,  # noqa: C901
           include: list[str] | None, exclude: list[str], samples: list[torch.Tensor] | None = None,
           batch_size: int = 8, pad: int = 0, device: str = "cpu", progress=None) -> Result:
     """Prune ``model`` in place; returns per-layer counts."""
@@ -214,19 +214,16 @@ def prune(model, *, method: str, sparsity: float, nm: tuple[int, int] | None, gr
                   for name, mod in sel.items()}
             current: dict = {}
 
-            def hook(_mod, inp, _out, *, name):
+            def hook(_mod, inp, _out, *, name, current=current, sq=sq):
                 x = inp[0]
                 tm = current["mask"]
-                if tm is not None and tuple(x.shape[:-1]) == tuple(tm.shape):
-                    x = x[tm]
-                else:
-                    x = x.reshape(-1, x.shape[-1])
+                x = x[tm] if tm is not None and tuple(x.shape[:-1]) == tuple(tm.shape) else x.reshape(-1, x.shape[-1])
                 sq[name] += sum_of_squares(x)
 
             handles = [mod.register_forward_hook(functools.partial(hook, name=name))
                        for name, mod in sel.items()]
             try:
-                for (args, kwargs), tm in zip(inputs, token_masks):
+                for (args, kwargs), tm in zip(inputs, token_masks, strict=True):
                     current["mask"] = tm
                     block(*args, **kwargs)
             finally:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any, Callable, Union
+from typing import Annotated, Any, Union
 
 from pydantic import Field
 
@@ -65,4 +66,5 @@ def methods() -> dict[str, MergeMethod]:
 def params_union() -> Any:
     """The merge op's params: a union of every method's params, tagged by ``method``."""
     classes = tuple(m.params for m in methods().values())
-    return Annotated[Union[classes], Field(discriminator="method")]  # type: ignore[valid-type]
+    # a union built at runtime from a tuple: `X | Y` cannot spell it, and mypy cannot check it
+    return Annotated[Union[classes], Field(discriminator="method")]  # type: ignore[valid-type]  # noqa: UP007

@@ -37,7 +37,7 @@ def run(inputs, p: LinearParams, ctx) -> dict:
         if p.normalize and abs(total) < 1e-12:
             raise OpError(f"normalize: true needs weights whose sum is not zero (tensor '{name}')")
         acc = None
-        for w, c in zip(ws, ckpts):
+        for w, c in zip(ws, ckpts, strict=True):
             term = c.get(name, lo, hi).to(torch.float32) * w
             acc = term if acc is None else acc.add_(term)
         return acc / total if p.normalize else acc

@@ -45,6 +45,17 @@ def interpolation(cos, n: int):
     return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
 
 
+def pair_cosine(dots, norms, n: int):
+    """Mean over pairs i < j < n of dot(τᵢ, τⱼ) / max(|τᵢ|·|τⱼ|, floor), clamped to [-1, 1]."""
+    import torch
+
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            cos.append((dots[i][j] / (norms[i] * norms[j]).clamp(min=NORM_FLOOR)).clamp(-1, 1))
+    return torch.stack(cos).mean(dim=0)
+
+
 def run(inputs, p: ModelStockParams, ctx) -> dict:
     import torch
 
@@ -52,14 +63,6 @@ def run(inputs, p: ModelStockParams, ctx) -> dict:
     base, *models = open_models([base_art, *arts])
     n = len(models)
     t_per_tensor: dict[str, float] = {}
-
-    def pair_cosine(dots, norms):
-        """Mean over pairs i < j of dot(τᵢ, τⱼ) / max(|τᵢ|·|τⱼ|, floor), clamped to [-1, 1]."""
-        cos = []
-        for i in range(n):
-            for j in range(i + 1, n):
-                cos.append((dots[i][j] / (norms[i] * norms[j]).clamp(min=NORM_FLOOR)).clamp(-1, 1))
-        return torch.stack(cos).mean(dim=0)
 
     def row_stats(chunks):
         """Per-row (or whole-chunk) dot products and norms of the task vectors, float64."""
@@ -80,7 +83,7 @@ def run(inputs, p: ModelStockParams, ctx) -> dict:
                 for j in range(i, n):
                     dots[i][j] = dots[i][j] + (taus[i] * taus[j]).sum()
         norms = [dots[i][i].sqrt() for i in range(n)]
-        t_per_tensor[name] = float(interpolation(pair_cosine(dots, norms), n))
+        t_per_tensor[name] = float(interpolation(pair_cosine(dots, norms, n), n))
 
     def compute(name, lo, hi):
         w0 = base.get(name, lo, hi).to(torch.float32)
@@ -93,7 +96,7 @@ def run(inputs, p: ModelStockParams, ctx) -> dict:
             chunks = [w0.to(torch.float64)] + [w.to(torch.float64) for w in ws]
             dots, _ = row_stats(chunks)
             norms = [dots[i][i].sqrt() for i in range(n)]
-            t = interpolation(pair_cosine(dots, norms), n).to(torch.float32)
+            t = interpolation(pair_cosine(dots, norms, n), n).to(torch.float32)
             t = t.reshape((-1,) + (1,) * (w0.dim() - 1)) if w0.dim() >= 2 else t.reshape(())
         else:
             t = t_per_tensor[name]

@@ -6,9 +6,9 @@ with attention masks (left-padded for generation); padding never counts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -260,4 +260,4 @@ def example_losses(subject: Subject, m, path: Path, metric: str) -> list[float]:
             out += F.cross_entropy(logits, labels, reduction="none").tolist()
         return out
     lls, counts = causal_lls(subject, m, path, metric)
-    return [-ll / n for ll, n in zip(lls, counts)]
+    return [-ll / n for ll, n in zip(lls, counts, strict=True)]

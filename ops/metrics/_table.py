@@ -40,5 +40,5 @@ def text_table(report: dict, names: list[str], title: str = "") -> str:
         lines.append(f"  {label}" + (f" ({kind})" if kind != label else ""))
         for r in [header] + rows:
             lines.append("    " + "  ".join(c.ljust(w) if k == 0 else c.rjust(w)
-                                           for k, (c, w) in enumerate(zip(r, widths))).rstrip())
+                                           for k, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
     return "\n".join(lines)

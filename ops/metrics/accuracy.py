@@ -118,7 +118,7 @@ def accuracy(subject, m: AccuracyMetric, ctx) -> tuple[dict, dict]:
                 attn[r, :len(x)] = 1
             logits = model(input_ids=ids.to(subject.device), attention_mask=attn.to(subject.device)).logits
             pred = [allowed[j] for j in logits[:, allowed].argmax(-1).tolist()]
-            correct += sum(p == g for p, (_, g) in zip(pred, chunk))
+            correct += sum(p == g for p, (_, g) in zip(pred, chunk, strict=True))
         return {"acc": correct / len(examples), "acc_norm": None, "n": len(examples)}, {}
     require_causal(subject, "accuracy (multiple choice)")
     tok = subject.need_tokenizer("multiple-choice accuracy")
@@ -144,7 +144,7 @@ def accuracy(subject, m: AccuracyMetric, ctx) -> tuple[dict, dict]:
         lengths.append([float(len(c)) for c in choices])
     lls = score_windows(subject.model, windows, m.batch_size, models.pad_id(subject.model, tok), subject.device)
     acc = acc_norm = 0
-    for (a, b), g, lens in zip(spans, golds, lengths):
+    for (a, b), g, lens in zip(spans, golds, lengths, strict=True):
         ll = lls[a:b]
         acc += int(max(range(len(ll)), key=lambda j: ll[j]) == g)
         acc_norm += int(max(range(len(ll)), key=lambda j: ll[j] / lens[j]) == g)

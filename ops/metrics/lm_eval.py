@@ -62,7 +62,8 @@ def lm_eval(subject, m: LmEvalMetric, ctx) -> tuple[dict, dict]:
                                   torch_random_seed=ctx.seed, fewshot_random_seed=ctx.seed,
                                   log_samples=False, verbosity="ERROR")
     except Exception as exc:  # unknown task, dataset not available offline, ...
-        raise OpError(f"lm-eval failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+        first_line = str(exc).splitlines()[0][:300] if str(exc) else ''
+        raise OpError(f"lm-eval failed: {type(exc).__name__}: {first_line}") from None
     values, better = {}, {}
     hib = res.get("higher_is_better") or {}
     for task, metrics in (res.get("results") or {}).items():

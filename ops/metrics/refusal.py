@@ -89,7 +89,7 @@ def refusal(subject, m: RefusalMetric, ctx) -> tuple[dict, dict]:
             answers.append(tok.decode(gen[r, width:], skip_special_tokens=True))
     refused = [any(mk in _fold(a) for mk in markers) for a in answers]
     details = {"answers": [{"prompt": p, "answer": a, "refused": r}
-                           for p, a, r in zip(prompts, answers, refused)]}
+                           for p, a, r in zip(prompts, answers, refused, strict=True)]}
     return {"refusal_rate": sum(refused) / len(refused), "n": len(refused)}, details
 
 

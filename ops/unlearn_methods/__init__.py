@@ -23,9 +23,10 @@ from __future__ import annotations
 import importlib
 import keyword
 import pkgutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
@@ -197,7 +198,8 @@ def describe(users: list[tuple[str, Param]]) -> str:
 def pydantic_field(key: str, users: list[tuple[str, Param]]) -> tuple[Any, Any]:
     """The op's field for a key: optional (None until the method's default is filled in)."""
     param = users[0][1]
-    return (Optional[param.annotation],
+    # Optional[...], not `| None`: for a plain class that would build a types.UnionType instead
+    return (Optional[param.annotation],  # noqa: UP045
             Field(None, gt=param.gt, ge=param.ge, alias=key if field_name(key) != key else None,
                   description=describe(users)))
 

@@ -258,7 +258,8 @@ steps:
   base:    {op: load, source: ./models/base}
   ft_a:    {op: load, source: ./models/ft_a}
   ft_b:    {op: load, source: ./models/ft_b}
-  scratch: {op: load, config: {model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 256}, init_seed: 3}
+  scratch: {op: load, config: {model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+                               num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 256}, init_seed: 3}
   delta_a: {op: extract-delta, model: ft_a, base: base}
   delta_b: {op: extract-delta, model: ft_b, base: base}
   ta:      {op: merge, method: task-arithmetic, base: base, deltas: [delta_a, delta_b], weights: [0.5, 0.5]}

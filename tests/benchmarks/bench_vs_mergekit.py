@@ -132,7 +132,7 @@ def tensor_index(d: Path) -> dict[str, Path]:
     out = {}
     for f in safetensors_files(d):
         with safe_open(str(f), framework="pt") as fh:
-            for n in fh.keys():
+            for n in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict: no `in`/iteration)
                 out[n] = f
     return out
 
@@ -143,7 +143,7 @@ def model_bytes(d: Path) -> int:
     total = 0
     for f in safetensors_files(d):
         with safe_open(str(f), framework="pt") as fh:
-            for n in fh.keys():
+            for n in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict: no `in`/iteration)
                 sl = fh.get_slice(n)
                 total += math.prod(sl.get_shape()) * {"F32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 4)
     return total
@@ -511,7 +511,8 @@ def print_table(r: dict) -> None:
     log(f"  merged tensors, weightflow vs mergekit: max |diff| {c['max_abs_diff']:.3g} "
         f"({c['elements_differing']} / {c['elements']} elements differ{why})")
     if "mergekit_cli_vs_run_merge" in r["check"]:
-        log(f"  mergekit CLI vs run_merge outputs: max |diff| {r['check']['mergekit_cli_vs_run_merge']['max_abs_diff']:.3g}")
+        diff = r['check']['mergekit_cli_vs_run_merge']['max_abs_diff']
+        log(f"  mergekit CLI vs run_merge outputs: max |diff| {diff:.3g}")
 
 
 def main(argv: list[str] | None = None) -> int:

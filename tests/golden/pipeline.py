@@ -11,12 +11,13 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ("the a cat dog bird sat ran flew on under over mat log tree and then it was red blue "
-         "green big small good great fine superb lovely nice happy bright bad awful poor terrible "
-         "ugly sad dull grim movie film plot is this").split()
-POS = "good great fine superb lovely nice happy bright".split()
-NEG = "bad awful poor terrible ugly sad dull grim".split()
-FILLER = "the a movie film plot was is and it this".split()
+WORDS = ["the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "over", "mat", "log", "tree",
+         "and", "then", "it", "was", "red", "blue", "green", "big", "small", "good", "great", "fine",
+         "superb", "lovely", "nice", "happy", "bright", "bad", "awful", "poor", "terrible", "ugly", "sad",
+         "dull", "grim", "movie", "film", "plot", "is", "this"]
+POS = ["good", "great", "fine", "superb", "lovely", "nice", "happy", "bright"]
+NEG = ["bad", "awful", "poor", "terrible", "ugly", "sad", "dull", "grim"]
+FILLER = ["the", "a", "movie", "film", "plot", "was", "is", "and", "it", "this"]
 
 LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 64}
@@ -106,9 +107,11 @@ steps:
   clf_lora: {op: finetune, model: bert_seeded, data: cls_train.jsonl, max_steps: 3, learning_rate: 0.003,
              batch_size: 8, lora: {r: 2, alpha: 4, target_modules: [query, value]}}
   u_ga: {op: unlearn, model: ft_a, method: grad-ascent, forget: forget.txt, max_steps: 2, batch_size: 4}
-  u_gd: {op: unlearn, model: ft_a, method: grad-diff, forget: forget.txt, retain: retain.txt, max_steps: 2, batch_size: 4}
+  u_gd: {op: unlearn, model: ft_a, method: grad-diff, forget: forget.txt, retain: retain.txt, max_steps: 2,
+         batch_size: 4}
   u_npo: {op: unlearn, model: ft_a, method: npo, forget: forget.txt, retain: retain.txt, max_steps: 2, batch_size: 4}
-  u_simnpo: {op: unlearn, model: ft_a, method: simnpo, forget: forget.txt, retain: retain.txt, max_steps: 2, batch_size: 4}
+  u_simnpo: {op: unlearn, model: ft_a, method: simnpo, forget: forget.txt, retain: retain.txt, max_steps: 2,
+             batch_size: 4}
   u_ssd: {op: unlearn, model: ft_a, method: ssd, forget: forget.txt, retain: retain.txt, batch_size: 4}
   u_kl: {op: unlearn, model: ft_a, method: grad-diff, retain_loss: kl, forget: forget.txt, retain: retain.txt,
          max_steps: 2, batch_size: 4}
@@ -123,13 +126,15 @@ steps:
   m_slerp: {op: merge, method: slerp, models: [ft_a, ft_b], t: 0.3}
   m_ta: {op: merge, method: task-arithmetic, base: llama, deltas: [da, db], weights: [1.0, -0.5], lambda: 0.8}
   m_ties: {op: merge, method: ties, base: llama, deltas: [da, db], density: 0.4}
-  m_ties_model: {op: merge, method: ties, base: llama, deltas: [da, db], density: 0.4, trim_scope: model, normalize: false}
+  m_ties_model: {op: merge, method: ties, base: llama, deltas: [da, db], density: 0.4, trim_scope: model,
+                 normalize: false}
   m_dare_ties: {op: merge, method: dare-ties, base: llama, deltas: [da, db], density: 0.5}
   m_dare_linear: {op: merge, method: dare-linear, base: llama, deltas: [da, db], density: 0.5, rescale: l1}
   m_crumbs: {op: merge, method: breadcrumbs, base: llama, deltas: [da, db], density: 0.5, gamma: 0.05}
   m_crumbs_ties: {op: merge, method: breadcrumbs, base: llama, deltas: [da, db], density: 0.5, sign_consensus: true}
   m_della: {op: merge, method: della, base: llama, deltas: [da, db], density: 0.5, epsilon: 0.1}
-  m_della_l1: {op: merge, method: della, base: llama, deltas: [da, db], density: 0.5, rescale: l1, sign_consensus: false}
+  m_della_l1: {op: merge, method: della, base: llama, deltas: [da, db], density: 0.5, rescale: l1,
+               sign_consensus: false}
   m_pruned: {op: merge, method: ties, base: llama, deltas: [pa, pb, pq], density: 1.0}
   m_patch: {op: merge, method: task-arithmetic, base: llama, deltas: [da_shallow]}
   wanda: {op: prune-wanda, model: m_ties, sparsity: 0.5, calibration: {data: train.txt, samples: 4, seq_len: 16}}
