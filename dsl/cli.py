@@ -108,16 +108,22 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from weightflow.dsl.engine import repro
     from weightflow.dsl.engine.runner import Runner
 
     p = _load(args.pipeline, args)
     _check_steps(p, args.target, "--target")
     _check_steps(p, args.force, "--force")
+    mode = args.reproducible or p.reproducible
+    repro.apply(mode)  # before anything imports torch: kernels, MKL path and threads are read once
+    if not args.quiet and (note := repro.override_warning()):
+        _err(f"warning: {note}")
     show = sys.stderr.isatty() and not args.quiet
     store = _store(args)
     runner = Runner(p, store, targets=args.target, force=args.force, frozen=args.frozen,
                     show_progress=show, log=(lambda m: None) if args.quiet else _err,
-                    export=not args.no_export, force_export=args.force_export, relock=args.relock)
+                    export=not args.no_export, force_export=args.force_export, relock=args.relock,
+                    reproducible=mode, allow_platform_drift=args.allow_platform_drift)
     try:
         outcome = runner.run()
     except OSError as exc:
@@ -524,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--relock", action="store_true",
                     help="ignore the existing lock file (even an unreadable one) and write a fresh one "
                     "from this run")
+    sp.add_argument("--reproducible", choices=["platform", "strict"], default=None,
+                    help="override the pipeline's 'reproducible' key: strict pins CPU kernels, MKL's path "
+                    "and the thread count so bytes do not depend on the machine (slower); platform lets "
+                    "torch choose (digests hold for this platform, which the lock file records)")
+    sp.add_argument("--allow-platform-drift", action="store_true",
+                    help="with --frozen: accept a step whose bytes differ from the lock only because the "
+                    "lock was made on another platform (warns instead of failing)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     sp = add("dag", cmd_dag, "print the step graph", json_=False)
     g = sp.add_mutually_exclusive_group()

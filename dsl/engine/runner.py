@@ -73,6 +73,7 @@ def _release_consumed(name: str, step: Step, last_use: dict[str, str], live: dic
 class Runner:
     def __init__(self, pipeline: Pipeline, store: Store, *, targets: Iterable[str] = (),
                  force: Iterable[str] = (), frozen: bool = False, show_progress: bool = False,
+                 reproducible: str | None = None, allow_platform_drift: bool = False,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
                  shard_bytes: int = DEFAULT_SHARD_BYTES, export: bool = True,
                  force_export: bool = False, relock: bool = False):
@@ -81,6 +82,9 @@ class Runner:
         self.targets = list(targets)
         self.force = set(force)
         self.frozen = frozen
+        self.mode = reproducible or pipeline.reproducible
+        self.allow_platform_drift = allow_platform_drift
+        self._torch_configured = False
         self.show_progress = show_progress
         self.log = log
         self.shard_bytes = shard_bytes
@@ -118,14 +122,46 @@ class Runner:
             entry = self.store.lookup(key)
             digests[name] = entry.digest if entry else old.digest
             if entry and entry.digest != old.digest:
-                problems.append(f"step '{name}': cached output {entry.digest[:12]} differs from "
-                                f"the locked {old.digest[:12]}")
+                try:
+                    self._digest_differs(name, old, entry.digest, entry.manifest.get("platform"))
+                except FrozenMismatch as exc:
+                    problems.append(str(exc).removeprefix("--frozen: "))
         stale = sorted(set(lock) - set(self.p.steps))
         problems += [f"step '{n}' is in the lock file but not in the pipeline" for n in stale]
         if problems:
             raise FrozenMismatch(
                 f"--frozen: the lock file {self.p.lock_path.name} would change; nothing was run:\n  "
                 + "\n  ".join(problems))
+
+    def _digest_differs(self, name: str, old: lockfile.LockEntry, digest: str, made_on: str | None) -> None:
+        """Same recipe, other bytes: platform drift when the environment class differs, else
+        the op is not reproducible."""
+        if old.platform and made_on and old.platform != made_on:
+            msg = (f"step '{name}' gave {digest[:12]} on '{made_on}' but the lock records {old.digest[:12]} "
+                   f"made on '{old.platform}': same recipe, another platform")
+            if not self.allow_platform_drift:
+                raise FrozenMismatch(f"--frozen: {msg}; pass --allow-platform-drift to accept it, or use "
+                                     "reproducible: strict for bytes that hold on every CPU")
+            self.warn(msg)
+            return
+        raise FrozenMismatch(f"--frozen: step '{name}' produced {digest[:12]} but the lock file records "
+                             f"{old.digest[:12]} on the same platform ({made_on or 'unrecorded'}): the step "
+                             "is not reproducible")
+
+    def _configure_torch(self, device: str) -> None:
+        """Before the first op runs: the reproducibility settings (engine/repro.py)."""
+        if self._torch_configured:
+            return
+        from weightflow.dsl.engine import repro
+
+        if "torch" not in sys.modules:
+            repro.apply(self.mode)
+        try:
+            repro.configure_torch(self.mode, device)
+        except RuntimeError as exc:
+            raise WeightflowError(f"{exc} (the CLI does this for you; in Python call "
+                                  "weightflow.dsl.engine.repro.apply(mode) before importing torch)") from None
+        self._torch_configured = True
 
     # -- the run -------------------------------------------------------------
     def run(self) -> Outcome:
@@ -180,14 +216,13 @@ class Runner:
                     else:
                         status = StepStatus(name, step.op.name, "cached", key, entry.digest,
                                             reason="computed by a concurrent run")
+            made_on = entry.manifest.get("platform") or (lock[name].platform if name in lock else None)
             if self.frozen and lock.get(name) and lock[name].digest != entry.digest:
-                raise FrozenMismatch(
-                    f"--frozen: step '{name}' produced {entry.digest[:12]} but the lock file records "
-                    f"{lock[name].digest[:12]}: the step is not reproducible")
+                self._digest_differs(name, lock[name], entry.digest, made_on)
             digests[name] = entry.digest
             names.setdefault(entry.digest, name)
             live[name] = Artifact(kind=step.op.output, digest=entry.digest, path=entry.path, step=name)
-            new_lock[name] = lockfile.LockEntry(step.op.name, key, entry.digest)
+            new_lock[name] = lockfile.LockEntry(step.op.name, key, entry.digest, made_on)
             statuses.append(status)
             _release_consumed(name, step, last_use, live)
         changed = lockfile.write(p.lock_path, p.path.name, new_lock)
@@ -269,6 +304,8 @@ class Runner:
         inputs = self._inputs_of(step, digests, live)
         if self.planner.deep:  # verify: always -- re-hash every input right before the op reads it
             self._verify_inputs(name, step, digests)
+        device = str(getattr(step.params, "device", None) or "cpu")
+        self._configure_torch(device)
         started = time.perf_counter()
         with self.store.staging() as out:
             # a step's own seed/dtype only where its params declare them (SeedParam, DtypeParam)
@@ -306,6 +343,8 @@ class Runner:
                 "inputs": {f"{'.'.join(map(str, e.field))}": {"step": e.source, "digest": digests[e.source]}
                            for e in step.inputs},
                 "versions": _versions(),
+                "reproducible": self.mode,
+                "platform": _platform(self.mode, device),
                 "seconds": round(seconds, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "info": ctx.info,
@@ -331,6 +370,12 @@ class Runner:
             if rel not in written:
                 tensors.extend(digest_safetensors(f))
         return artifact_digest(tensors, side_file_digests(out))
+
+
+def _platform(mode: str, device: str) -> str:
+    from weightflow.dsl.engine import repro
+
+    return repro.platform_class(mode, device)
 
 
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))

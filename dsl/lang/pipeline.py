@@ -35,7 +35,10 @@ from weightflow.dsl.lang.yamlsource import (
 
 SUPPORTED_VERSIONS = (1,)
 TOP_LEVEL_KEYS = ("weightflow", "name", "description", "seed", "dtype", "vars", "steps", "outputs",
-                  "verify")
+                  "verify", "reproducible")
+# ``reproducible: strict`` pins CPU kernels, MKL's code path and the thread count so output
+# bytes do not depend on the machine (engine/repro.py); ``platform`` lets torch choose.
+REPRODUCIBLE_MODES = ("platform", "strict")
 # ``verify: always`` re-hashes every cached artifact and source file on each read instead of
 # trusting the memo's (size, mtime, inode) signature: slower, but catches silent corruption.
 VERIFY_MODES = ("changed", "always")
@@ -86,6 +89,7 @@ class Pipeline:
     display: str = ""
     warnings: list[Diagnostic] = field(default_factory=list)
     verify: str = "changed"  # or "always": see VERIFY_MODES
+    reproducible: str = "platform"  # or "strict": see REPRODUCIBLE_MODES
 
     def diagnostic(self, step: str, message: str, path: tuple = ()) -> Diagnostic:
         """A diagnostic at ``path`` inside step ``step`` (for problems found after parsing)."""
@@ -625,6 +629,11 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
     elif not steps_raw:
         col.at_value(("steps",), "'steps' is empty: a pipeline needs at least one step")
 
+    reproducible = data.get("reproducible", "platform")
+    if reproducible not in REPRODUCIBLE_MODES:
+        col.at_value(("reproducible",), f"'reproducible' must be one of {', '.join(REPRODUCIBLE_MODES)}, "
+                     f"got {_short(reproducible)}")
+        reproducible = "platform"
     verify = data.get("verify", "changed")
     if verify not in VERIFY_MODES:
         col.at_value(("verify",), f"'verify' must be one of {', '.join(VERIFY_MODES)}, got {_short(verify)}")
@@ -672,6 +681,7 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
         positions=pos,
         display=filename,
         verify=verify,
+        reproducible=reproducible,
     )
     col.items.extend(check_graph(pipeline, set(k for k in steps_raw if isinstance(k, str)), filename))
     errors = [d for d in col.items if d.severity == "error"]

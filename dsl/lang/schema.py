@@ -95,6 +95,10 @@ def language_schema() -> dict[str, Any]:
             "dtype": {"enum": list(DTYPES), "default": "float32",
                       "description": "default dtype of produced checkpoints"},
             "vars": {"type": "object", "description": "values interpolated as ${vars.NAME}"},
+            "reproducible": {"enum": ["platform", "strict"], "default": "platform",
+                             "description": "strict: output bytes independent of the CPU model, its "
+                             "instruction sets and the thread count (slower); platform: torch's fastest "
+                             "kernels, digests hold for this platform"},
             "verify": {"enum": ["changed", "always"], "default": "changed",
                        "description": "re-hash cached entries and inputs only when their files changed "
                        "(size, mtime, inode), or on every read"},

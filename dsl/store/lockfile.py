@@ -30,6 +30,9 @@ class LockEntry:
     op: str
     key: str
     digest: str
+    # the environment class the digest holds for (``cpu-strict``, or e.g. ``cpu avx512 2
+    # threads torch 2.13.0+cpu``); None in lock files written before it was recorded
+    platform: str | None = None
 
 
 def _where(path: Path, node) -> str:
@@ -125,7 +128,8 @@ def _entries(path: Path, node, data) -> dict[str, LockEntry]:
                                             for f in ("op", "key", "digest"))):
             raise _bad(path, node, f"step '{name}' must have string op, key and digest, got "
                        f"{e!r:.80}", _child(steps_node, str(name)))
-        out[str(name)] = LockEntry(e["op"], e["key"], e["digest"])
+        platform = e.get("platform") if isinstance(e.get("platform"), str) else None
+        out[str(name)] = LockEntry(e["op"], e["key"], e["digest"], platform)
     return out
 
 
@@ -133,7 +137,8 @@ def render(pipeline_file: str, entries: dict[str, LockEntry]) -> str:
     doc = {
         "weightflow": 1,
         "pipeline": pipeline_file,
-        "steps": {n: {"op": e.op, "key": e.key, "digest": e.digest} for n, e in sorted(entries.items())},
+        "steps": {n: {"op": e.op, "key": e.key, "digest": e.digest, **({"platform": e.platform} if e.platform else {})}
+                  for n, e in sorted(entries.items())},
     }
     return HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=200)
 

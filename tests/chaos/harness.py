@@ -419,10 +419,8 @@ def tmpfs_works(probe_dir: Path) -> tuple[bool, str]:
         mount_tmpfs(probe_dir, 1 << 20)
     except (OSError, subprocess.CalledProcessError) as exc:
         return False, f"mount -t tmpfs failed: {exc}"
-    try:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
         umount(probe_dir)
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return True, "mount -t tmpfs works"
 
 

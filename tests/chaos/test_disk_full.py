@@ -123,7 +123,7 @@ def test_disk_full_is_a_clear_error_and_resumes(reference, figures, chaos_root):
             failures.append(rec)
         details.append(rec)
         print(f"{name}: limit {size} B -> rc {rec.get('fail_rc')}, resume rc {rec.get('resume_rc')}; "
-              f"{'OK' if not problems else problems}")
+              f"{problems if problems else 'OK'}")
     seconds = time.perf_counter() - t0
     figures.update(trials=len(scenarios), failures=len(failures), seconds=round(seconds, 1),
                    store_bytes_needed=need, scenarios=details)

@@ -48,7 +48,7 @@ def test_gc_during_a_run_removes_nothing_in_use(reference, figures):
         else:
             shutil.rmtree(d, ignore_errors=True)
         details.append(rec)
-        print(f"round {r}: {calls} gc calls during the run, run rc {res.rc}; {'OK' if not problems else problems}")
+        print(f"round {r}: {calls} gc calls during the run, run rc {res.rc}; {problems if problems else 'OK'}")
     seconds = time.perf_counter() - t0
     figures.update(trials=rounds, failures=len(failures), seconds=round(seconds, 1),
                    gc_calls=sum(x["gc_calls"] for x in details), rounds_detail=details)

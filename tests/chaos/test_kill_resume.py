@@ -129,7 +129,7 @@ def test_sigkill_at_random_moments_then_resume(reference, figures, chaos_root):
             shutil.rmtree(d, ignore_errors=True)
         details.append(trial)
         print(f"trial {i:2d}: {[(x['aimed_at'], x['landed']) for x in kills]} -> resume rc {resume.rc}, "
-              f"re-executed {len(executed)}; {'OK' if not problems else problems}")
+              f"re-executed {len(executed)}; {problems if problems else 'OK'}")
     seconds = time.perf_counter() - t0
     n_debris = sum(bool(t["debris"]) for t in details)
     figures.update(trials=n, kills=sum(len(t["kills"]) for t in details), failures=len(failures),
@@ -192,7 +192,7 @@ def test_sigkill_in_the_middle_of_the_export_copy(reference, figures, chaos_root
             shutil.rmtree(d, ignore_errors=True)
         details.append(rec)
         print(f"export kill {i} (stale export {with_stale}): caught mid-copy {caught}, left {left}; "
-              f"{'OK' if not problems else problems}")
+              f"{problems if problems else 'OK'}")
     figures.update(trials=len(details), failures=len(failures), seconds=round(time.perf_counter() - t0, 1),
                    caught_mid_copy=sum(x["killed_mid_copy"] for x in details), trials_detail=details)
     assert not failures, "\n".join(f"export kill {x['trial']} (stale export {x['stale_export']}, left "
