@@ -58,8 +58,9 @@ lint: $(STAMP)
 	ln -sfn ../../../ops build/typecheck/weightflow/ops
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p weightflow.dsl
 
+# both cores: most tests spend their time in subprocesses and model loading
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
