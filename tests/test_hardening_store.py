@@ -529,3 +529,20 @@ def test_verify_and_gc_do_not_import_torch(tmp_path, store_dir, command):
     proc = _python(code)
     out, err = proc.communicate(timeout=120)
     assert out.strip() == "0 []", out + err
+
+
+def test_dead_temp_files_of_atomic_writes_are_removed_by_the_next_run(tmp_path, store_dir):
+    """A kill between create and rename leaves ``.KEY.json.*.tmp``: never read, removed once an hour old."""
+    path = write_pipeline(tmp_path, NOTES)
+    run(path, store_dir)
+    action_dir = next((store_dir / "actions").iterdir())
+    old, fresh = action_dir / ".abc.json.x1.tmp", action_dir / ".def.json.x2.tmp"
+    record = next((store_dir / "manifests").rglob("*.json")).parent / ".k.json.x3.tmp"
+    for f in (old, fresh, record):
+        f.write_text("{")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(record, (time.time() - 7200, time.time() - 7200))
+    _, status = run(path, store_dir)
+    assert set(status.values()) == {"cached"}
+    assert not old.exists() and not record.exists()
+    assert fresh.exists()  # may belong to a live writer

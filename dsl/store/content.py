@@ -28,6 +28,7 @@ else is discarded with a warning and the step recomputes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -589,7 +590,23 @@ class Store:
             target = base / ident
             if _remove_if_stale(target, base / f"{ident}.lock", dry_run):
                 removed.append(target)
+        if not dry_run:
+            self._remove_dead_temp_files()
         return removed
+
+    def _remove_dead_temp_files(self, older_than_s: float = 3600.0) -> None:
+        """Temp files of atomic writes (``.NAME.*.tmp``) in actions/ and manifests/ left by a
+        process killed between create and rename; a live writer renames its file within
+        milliseconds, so an hour-old one is dead.  They are never read, only clutter."""
+        cutoff = time.time() - older_than_s
+        for sub in ("actions", "manifests"):
+            base = self.root / sub
+            if not base.is_dir():
+                continue
+            for f in base.rglob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    if f.is_file() and f.stat().st_mtime < cutoff:
+                        f.unlink()
 
     def publish(self, key: str, staged: Path, digest: str, manifest: dict) -> Entry:
         """Move ``staged`` to its content address, then write the action entry.
