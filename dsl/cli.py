@@ -483,19 +483,31 @@ def cmd_ops(args) -> int:
             target.write_text(new, encoding="utf-8")
         print(f"{target}: op reference {'updated' if new != old else 'already current'}")
         return 0
+    if args.name is not None:
+        names = [op["name"] for op in ops_json()]
+        if args.name not in names:
+            raise WeightflowError(f"no op named '{args.name}'{did_you_mean(args.name, names)}; "
+                                  f"ops: {', '.join(names)}")
     if args.json:
-        print(json.dumps(ops_json(), indent=1))
+        print(json.dumps([op for op in ops_json() if args.name in (None, op["name"])], indent=1))
     elif args.markdown:
         print(ops_markdown(), end="")
     else:
-        print(ops_text(), end="")
+        print(ops_text(args.name), end="")
     return 0
 
 
 # -- argument parsing -----------------------------------------------------------
 
+def _version() -> str:
+    from weightflow import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="weightflow", description="Declarative model surgery.")
+    ap.add_argument("--version", action="version", version=f"weightflow {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name, func, help_, pipeline=True, cache=False, json_=True):
@@ -603,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discard what is bad (the entry; for a corrupt object, the object too)")
     add("schema", cmd_schema, "print the JSON Schema of the pipeline language", pipeline=False,
         json_=False)
-    sp = add("ops", cmd_ops, "list every op with its parameters", pipeline=False)
+    sp = add("ops", cmd_ops, "list every op with its parameters, or one op with its documentation",
+             pipeline=False)
+    sp.add_argument("name", nargs="?", metavar="OP", help="only this op, with its whole documentation")
     sp.add_argument("--markdown", action="store_true", help="the op reference as Markdown")
     sp.add_argument("--write", metavar="FILE", help="with --markdown: replace the generated block of "
                     "FILE (e.g. README.md) with the current reference")

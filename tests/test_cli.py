@@ -205,3 +205,15 @@ def test_ops_from_another_package_via_entry_points(tmp_path, store_dir, monkeypa
     assert res.returncode == 0, res.stderr
     statuses = {s["name"]: s["status"] for s in json.loads(res.stdout)["steps"]}
     assert statuses["doubled"] == "executed"
+
+
+def test_version_and_one_ops_reference():
+    res = subprocess.run([sys.executable, "-m", "weightflow", "--version"], capture_output=True, text=True)
+    from weightflow import __version__
+
+    assert res.returncode == 0 and res.stdout.strip() == f"weightflow {__version__}"
+    res = subprocess.run([sys.executable, "-m", "weightflow", "ops", "merge"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("merge (v2) -> Model")
+    assert "model_stock" in res.stdout and "``" not in res.stdout and "\nload (" not in res.stdout
+    res = subprocess.run([sys.executable, "-m", "weightflow", "ops", "merj"], capture_output=True, text=True)
+    assert res.returncode == 2 and "did you mean 'merge'" in res.stderr and "Traceback" not in res.stderr

@@ -81,10 +81,17 @@ def _fmt_default(row) -> str:
     return "required" if row["required"] else f"default {row['default']!r}"
 
 
-def ops_text() -> str:
+def ops_text(only: str | None = None) -> str:
+    """Every op (its summary and parameters), or one op with its whole documentation."""
     lines = []
     for op in ops_json():
-        lines.append(f"{op['name']} (v{op['version']}) -> {op['output']}: {op['summary']}")
+        if only is not None and op["name"] != only:
+            continue
+        summary = op["summary"].replace("``", "")  # the terminal shows no reST markup
+        lines.append(f"{op['name']} (v{op['version']}) -> {op['output']}: {summary}")
+        if only is not None:
+            body = "\n".join(op["doc"].splitlines()[1:]).strip("\n").replace("``", "")  # no reST markup
+            lines += ["", *[f"  {line}" if line else "" for line in body.splitlines()], "", "  parameters:"]
         for var in op["variants"]:
             indent = "    "
             if var["variant"] is not None:
