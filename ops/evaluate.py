@@ -183,8 +183,8 @@ def run(inputs, params: EvaluateParams, ctx) -> dict:
 
     import torch
 
+    from weightflow.dsl.format.text import text_table
     from weightflow.ops.metrics._scoring import Subject
-    from weightflow.ops.metrics._table import text_table
 
     if params.device == "cuda" and not torch.cuda.is_available():
         raise OpError("device: cuda, but no CUDA device is available")

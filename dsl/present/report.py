@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from weightflow.dsl.format.text import fmt
 from weightflow.dsl.lang.diagnostics import WeightflowError
 from weightflow.dsl.lang.spec import Kind
 
@@ -160,27 +161,6 @@ def collect(pipeline, store, warn: Callable[[str], None] | None = None) -> list[
 
 
 # -- numbers ------------------------------------------------------------------------------
-
-def fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        if v == 0:
-            return "0"
-        a = abs(v)
-        if a >= 1e6 or a < 1e-3:
-            return f"{v:.3e}"
-        if a >= 100:
-            return f"{v:,.1f}"
-        return f"{v:.4f}" if a < 10 else f"{v:.3f}"
-    return str(v)
-
 
 def _arrow(better) -> str:
     return {"lower": " ↓", "higher": " ↑"}.get(better or "", "")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from weightflow.dsl.lang.diagnostics import WeightflowError
-from weightflow.dsl.store.content import write_atomic
+from weightflow.dsl.store.content import _fsync_dir, _fsync_tree, write_atomic
 
 EXPORT_MARKER = "weightflow-export.json"
 _LISTED = 12  # changed files named in an error, at most
@@ -316,29 +316,6 @@ def _copy_tree(src: Path, dst: Path) -> None:
         shutil.copystat(dirpath, out)
 
 
-def _fsync_files(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def export_artifact(obj: Path, target: Path, manifest: dict | None = None, *, store_root=None,
                     pipeline_dir=None, force: bool = False, force_flag: str = "--force") -> bool:
     """Copy an artifact directory to ``target`` atomically (unique temp sibling, then rename).
@@ -411,7 +388,7 @@ def _write_export(obj: Path, path: Path, manifest: dict | None, check: dict) -> 
         doc = {"digest": obj.name, "manifest": manifest or {},
                "files": {rel: list(sig) for rel, sig in sorted(files.items())}, "dirs": sorted(dirs)}
         write_atomic(tmp / EXPORT_MARKER, json.dumps(doc, indent=1, sort_keys=True).encode())
-        _fsync_files(tmp)
+        _fsync_tree(tmp)
         now = check_export_target(path, **check)  # changed by someone while we copied?
         if now.state == "export":
             old = parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.old-export"

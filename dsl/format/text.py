@@ -1,5 +1,5 @@
-"""The report as plain-text tables, for evaluate's log (ops do not import the presentation
-layer, ``weightflow.dsl.present.report``, which renders reports as Markdown and HTML)."""
+"""Numbers and report tables as plain text: one formatting for evaluate's log (ops) and the
+Markdown/HTML report (``weightflow.dsl.present.report``), torch-free so both may import it."""
 
 from __future__ import annotations
 
