@@ -263,6 +263,23 @@ def test_delta_writer_digest_does_not_depend_on_shards(tmp_path):
     assert not (tmp_path / "many" / ".spill").exists()
 
 
+def test_sparse_mask_and_values_share_a_shard_and_read_back(tmp_path):
+    """A shard limit that falls between a sparse tensor's mask and its values once split
+    them across files, and the stored delta could not be read."""
+    from weightflow.ops.lib.tensors import Checkpoint
+
+    tensors = {f"t{i}": _sparse_tensor(60_000, 0.1, i, torch.float32) for i in range(3)}
+    _write_delta(tmp_path / "d", tensors, max_shard_bytes=10_000)
+    index = json.loads((tmp_path / "d" / "delta.safetensors.index.json").read_text())["weight_map"]
+    ck = Checkpoint(tmp_path / "d", prefix="delta")
+    try:
+        for name in tensors:
+            assert index[name + "::mask"] == index[name + "::values"]
+            assert torch.equal(ck.get(name), tensors[name])
+    finally:
+        ck.close()
+
+
 # --------------------------------------------------------------------------- sharded writer
 
 

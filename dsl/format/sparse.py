@@ -352,14 +352,17 @@ class DeltaWriter:
             self.abort()
             raise ValueError(f"{len(missing)} planned tensors were never completed, e.g. '{missing[0]}'")
         segments = [s for n in self.order for s in self._segments[n]]
+        # a sparse tensor's mask and values always share a shard: the reader decodes one
+        # tensor from one file (split, the stored delta could not be read back)
         shards: list[list[_Segment]] = [[]]
         size = 0
-        for s in segments:
-            n = s.path.stat().st_size
+        for name in self.order:
+            group = self._segments[name]
+            n = sum(s.path.stat().st_size for s in group)
             if shards[-1] and size + n > self.max_shard_bytes:
                 shards.append([])
                 size = 0
-            shards[-1].append(s)
+            shards[-1].extend(group)
             size += n
         count = len(shards)
         weight_map = {}
