@@ -38,6 +38,13 @@ def check_graph(pipeline, all_names: set[str], filename: str) -> list[Diagnostic
                 diags.append(Diagnostic(filename, mark.line, mark.col,
                                         f"'{field_name}' refers to the step itself", name))
                 continue
+            if "${" in edge.source:
+                continue  # an interpolation that failed: reported where it is written
+            family = _family_problem(pipeline, edge, field_name, all_names)
+            if family is not None:
+                if family:
+                    diags.append(Diagnostic(filename, mark.line, mark.col, family, name))
+                continue
             if edge.source not in all_names:
                 diags.append(Diagnostic(
                     filename, mark.line, mark.col,
@@ -69,6 +76,42 @@ def check_graph(pipeline, all_names: set[str], filename: str) -> list[Diagnostic
                                 f"dependency cycle: {text} (a step cannot depend, directly or "
                                 "through other steps, on its own output)", first))
     return diags
+
+
+def _family_problem(pipeline, edge, field_name: str, all_names: set[str]) -> str | None:
+    """What is wrong with a reference that names a family rather than one step: '' when it
+    is reported already (the family's matrix is invalid), None when it names no family.
+
+    List items ``FAMILY@*`` were expanded while parsing, so one left here was written where
+    a single step is expected (or names no family)."""
+    families = getattr(pipeline, "families", {}) or {}
+    source = edge.source
+    list_item = bool(edge.field) and isinstance(edge.field[-1], int)
+    if source in families:
+        members = families[source]
+        return (f"'{field_name}' names the step family '{source}' ({len(members)} members): name one "
+                f"member, e.g. '{members[0].name}'"
+                + (f", or all of them as '{source}@*'" if list_item else ""))
+    base, sep, rest = source.partition("@")
+    if not sep:
+        return None
+    if base in all_names and base not in families and base not in pipeline.steps:
+        return ""  # a family whose matrix is invalid: reported there
+    if rest != "*":
+        return None  # one member, or a typo of one: checked as any step name
+    if base not in families:
+        known = [f"{f}@*" for f in families]
+        return (f"'{field_name}' refers to unknown step family '{source}'{did_you_mean(source, known)}"
+                + (f"; families: {', '.join(known)}" if known else "; the pipeline has no family "
+                   "(a step with 'matrix:' or 'foreach:')"))
+    members = families[base]
+    if list_item:  # a list-valued field written as one string: `models: merged@*`
+        top = field_name.rsplit("[", 1)[0]
+        return (f"'{top}' takes a list: write it as [{source}] to name all {len(members)} members of "
+                f"family '{base}'")
+    return (f"'{field_name}' takes a single step, but '{source}' names all {len(members)} members of "
+            f"family '{base}'; name one, e.g. '{members[0].name}' (only list-valued references such as "
+            "evaluate's 'models' take a whole family)")
 
 
 def _cycles(g: nx.DiGraph) -> Iterable[list[str]]:

@@ -13,8 +13,11 @@ from typing import Any
 from weightflow.dsl.lang import registry
 from weightflow.dsl.lang.pipeline import DTYPES, SUPPORTED_VERSIONS
 
-VAR_REF = {"type": "string", "pattern": r"^.*\$\{\s*vars\.[A-Za-z_][A-Za-z0-9_-]*\s*\}.*$",
-           "description": "a ${vars.NAME} interpolation"}
+VAR_REF = {"type": "string",
+           "pattern": r"^.*\$\{\s*(vars|matrix)\.[A-Za-z_][A-Za-z0-9_-]*\s*\}.*$",
+           "description": "a ${vars.NAME} interpolation (or ${matrix.NAME} in a step family)"}
+# A matrix value names its member (``merged@lambda=0.5``), so it is a scalar.
+MEMBER_VALUE = {"type": ["number", "string", "boolean", "null"]}
 
 
 def _or_var(sub: dict) -> dict:
@@ -45,6 +48,30 @@ def _allow_vars(schema: dict) -> None:
             _allow_vars(sub)
 
 
+def _family_keys(schema: dict, fixed: tuple[str, ...]) -> None:
+    """Let an op's step schema be a family: ``matrix:`` (parameter -> list of values) or
+    ``foreach:`` (a list of parameter -> value mappings), whose keys are the op's parameters.
+    A parameter the family varies is not written in the step, so the required ones are
+    required only of a step that is not a family (``fixed``: required always)."""
+    names = [n for n in schema.get("properties", {}) if n not in fixed]
+    keys = {"enum": names}
+    schema["properties"]["matrix"] = {
+        "type": "object", "minProperties": 1, "propertyNames": keys,
+        "additionalProperties": _or_var({"type": "array", "minItems": 1, "items": MEMBER_VALUE}),
+        "description": "a step family: one member per combination of these values, named "
+        "STEP@KEY=VALUE,... (refer to all of them as STEP@* in a list)"}
+    schema["properties"]["foreach"] = {
+        "type": "array", "minItems": 1,
+        "items": {"type": "object", "minProperties": 1, "propertyNames": keys,
+                  "additionalProperties": MEMBER_VALUE},
+        "description": "a step family: one member per entry, named STEP@KEY=VALUE,..."}
+    rest = [n for n in schema.get("required", []) if n not in fixed]
+    schema["required"] = [n for n in schema.get("required", []) if n in fixed]
+    if rest:
+        schema["anyOf"] = [{"required": rest}, {"required": ["matrix"]}, {"required": ["foreach"]}]
+    schema["not"] = {"required": ["matrix", "foreach"]}
+
+
 def _step_schema(spec, defs: dict) -> dict:
     schema = spec.adapter.json_schema(by_alias=True, ref_template="#/$defs/{model}")
     for name, sub in (schema.pop("$defs", None) or {}).items():
@@ -55,6 +82,7 @@ def _step_schema(spec, defs: dict) -> dict:
         schema["properties"] = {"op": op_prop, **schema["properties"]}
         schema["required"] = ["op", *schema.get("required", [])]
         schema["additionalProperties"] = False
+        _family_keys(schema, ("op",))
         return schema
     # a discriminated union: add `op` to each variant
     variants = []
@@ -65,6 +93,7 @@ def _step_schema(spec, defs: dict) -> dict:
         target["properties"] = {"op": op_prop, **target.get("properties", {})}
         target["required"] = ["op", *target.get("required", [])]
         target["additionalProperties"] = False
+        _family_keys(target, ("op", spec.discriminator))
         variants.append(target)
     return {"oneOf": variants, "description": spec.summary()}
 
