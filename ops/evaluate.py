@@ -15,10 +15,25 @@ from typing import Annotated, Literal, Union
 from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
 
 from weightflow.dsl.lang.diagnostics import OpError
-from weightflow.dsl.lang.spec import Kind, ModelRef, OpParams, OpSpec, SeedParam
+from weightflow.dsl.lang.spec import (
+    DataFile,
+    Kind,
+    ModelRef,
+    OpParams,
+    OpSpec,
+    SeedParam,
+    StepRef,
+    field_markers,
+    iter_values,
+)
 from weightflow.ops.metrics import METRICS, Metric, MetricParams
 
 REPORT_FORMAT = 1
+# What a score key covers (see ``score_material``); bump when that changes, so that scores
+# cached under the old meaning are not reused.
+SCORE_KEY_FORMAT = 1
+# The platform class whose results hold on every platform (engine/repro.py).
+PORTABLE_PLATFORM = "cpu-strict"
 
 
 def _item(metric: Metric) -> type:
@@ -165,6 +180,101 @@ def _finite(obj):
     return obj
 
 
+# -- one cached score per (model, metric recipe) ------------------------------------------
+
+def _set_path(doc, path: tuple, value) -> None:
+    for part in path[:-1]:
+        doc = doc[part]
+    doc[path[-1]] = value
+
+
+def score_material(metric: Metric, m: MetricParams, index: int, inputs, params: EvaluateParams,
+                   ctx) -> dict:
+    """Everything but the model that determines a model's values for one metric, as a step
+    key's material is for a step (engine/keys.py; ``Scores.key`` adds the model's digest):
+    the metric, its version and evaluate's; the metric's params with defaults filled, every
+    step they name replaced by its output's digest and every data file by its content's
+    (names and paths are not content); what its fingerprint says (lm-eval: its version and
+    task files); and the evaluate-wide settings that reach ``compute`` (device, seed).  Not
+    the label, nor the metric's place in the list, nor the other metrics and models:
+    changing those reuses the score.  ``index`` is the metric's place, to find its refs in
+    ``inputs``."""
+    doc = m.model_dump(mode="json", by_alias=True)
+    doc.pop("label", None)
+    prefix = ("metrics", index, metric.name)
+    for path, value, marker in field_markers(m):
+        for sub, item in iter_values(value):
+            if isinstance(marker, StepRef):
+                _set_path(doc, path + sub, {"input": inputs.at(prefix + path + sub).digest})
+            elif isinstance(marker, DataFile):
+                _set_path(doc, path + sub, {"file": ctx.file_digest(ctx.data_path(item))})
+    material = {"format": SCORE_KEY_FORMAT, "op": OP.name, "op_version": OP.version,
+                "metric": metric.name, "metric_version": metric.version, "params": doc,
+                "device": params.device, "seed": ctx.seed}
+    external = metric.fingerprint([m], ctx) if metric.fingerprint is not None else None
+    if external:
+        material["external"] = external
+    return material
+
+
+class Scores:
+    """The scores of this run already in the store, and the store for the new ones.
+
+    A score is reused only when it was computed where its numbers hold for this run too:
+    in strict mode on CPU (``cpu-strict``: the same bytes on every CPU), or on the same
+    platform class as this run; otherwise it is recomputed (and replaced).  Nothing is read
+    when the step is forced, and nothing at all happens without a store (a RunContext made
+    outside the runner).  The store checks each entry's integrity (``Store.read_score``);
+    this checks that it holds what evaluate wrote.
+    """
+
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+        self.store = ctx.store if ctx.store is not None and ctx.platform else None
+        self._failed_write = False
+
+    def key(self, material: dict | None, model_digest: str) -> str | None:
+        """The key of the score of the model ``model_digest`` under ``score_material``."""
+        if self.store is None or material is None:
+            return None
+        from weightflow.dsl.engine.keys import step_key
+
+        return step_key({**material, "model": model_digest})
+
+    def get(self, key: str | None) -> dict | None:
+        if self.store is None or key is None or self.ctx.fresh:
+            return None
+        score = self.store.read_score(key, warn=self.ctx.warn)
+        if score is None:
+            return None
+        if not (isinstance(score.get("values"), dict) and isinstance(score.get("details"), dict)
+                and isinstance(score.get("platform"), str)):
+            self.ctx.warn(f"score entry {key[:12]} does not hold a score; recomputing it")
+            return None
+        if score["platform"] not in (PORTABLE_PLATFORM, self.ctx.platform):
+            return None  # computed on another platform class: recompute it here
+        return score
+
+    def put(self, key: str | None, model_digest: str, metric: Metric, values: dict, details: dict,
+            seconds: float) -> None:
+        """Store one computed score (before evaluate changes ``details``); a store that cannot
+        be written costs the reuse, never the step."""
+        if self.store is None or key is None or self._failed_write:
+            return
+        import time
+
+        score = {"model": model_digest, "metric": metric.name, "platform": self.ctx.platform,
+                 "values": values, "details": details, "step": self.ctx.step,
+                 "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            self.store.write_score(key, score)
+        except OSError as exc:  # a read-only or full store: say it once, go on without
+            self._failed_write = True
+            self.ctx.warn(f"cannot cache its scores in the store ({exc}); they are recomputed next time")
+        except (TypeError, ValueError) as exc:  # a value JSON cannot hold: this one is not cached
+            self.ctx.warn(f"cannot cache the {metric.name} score of {model_digest[:12]} ({exc})")
+
+
 def _columns(metric: Metric, j: int, results: list[list[dict]], better: dict) -> list[dict]:
     if metric.columns is None:  # named by compute, in order of appearance
         cols: list[dict] = []
@@ -178,8 +288,11 @@ def _columns(metric: Metric, j: int, results: list[list[dict]], better: dict) ->
 
 
 def run(inputs, params: EvaluateParams, ctx) -> dict:
-    """Run every metric on every model; write report.json; log the table."""
+    """Run every metric on every model -- except the (model, metric) pairs whose score is in
+    the store already (``Scores``); write report.json; log the table.  The report is the
+    same, byte for byte, whichever scores were reused."""
     import json
+    import time
 
     import torch
 
@@ -191,20 +304,35 @@ def run(inputs, params: EvaluateParams, ctx) -> dict:
     arts = inputs["models"]
     names = labels(params)
     kinds = [metric_of(item) for item in params.metrics]
+    scores = Scores(ctx)
+    materials = [score_material(metric, m, j, inputs, params, ctx) if scores.store else None
+                 for j, (metric, m) in enumerate(kinds)]
+    keys = [[scores.key(material, art.digest) for material in materials] for art in arts]
+    found = [[scores.get(key) for key in row] for row in keys]
+    total = len(arts) * len(kinds)
+    todo = sum(score is None for row in found for score in row)
+    ctx.log(f"{ctx.step}: scoring {todo} of {total} (model, metric) pairs; {total - todo} cached")
+    ctx.info["scores"] = {"computed": todo, "cached": total - todo}
     results: list[list[dict]] = []
     better_seen: dict[int, dict] = {}
-    with ctx.progress(len(arts) * len(kinds), "evaluate", unit="metric") as bar, torch.inference_mode():
-        for art in arts:
-            subject = Subject(art=art, device=params.device, inputs=inputs)
+    with ctx.progress(todo, "evaluate", unit="metric") as bar, torch.inference_mode():
+        for i, art in enumerate(arts):
+            subject = Subject(art=art, device=params.device, inputs=inputs)  # loads the model on first use
             row = []
             for j, (metric, m) in enumerate(kinds):
-                subject.metric_index, subject.metric_name = j, metric.name
-                bar.set_postfix_str(f"{art.step}: {names[j]}")
-                values, details = metric.compute(subject, m, ctx)
+                score = found[i][j]
+                if score is not None:
+                    values, details = score["values"], score["details"]
+                else:
+                    subject.metric_index, subject.metric_name = j, metric.name
+                    bar.set_postfix_str(f"{art.step}: {names[j]}")
+                    started = time.perf_counter()
+                    values, details = metric.compute(subject, m, ctx)
+                    scores.put(keys[i][j], art.digest, metric, values, details, time.perf_counter() - started)
+                    bar.update(1)
                 if metric.columns is None:
                     better_seen.setdefault(j, {}).update(details.pop("better", {}))
                 row.append({"values": values, **({"details": details} if details else {})})
-                bar.update(1)
             subject.release()
             results.append(row)
     metrics = []

@@ -10,7 +10,6 @@ the digest of the base it was taken against).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from weightflow.dsl.lang.spec import Kind
 
 if TYPE_CHECKING:
     from weightflow.dsl.format.sparse import DeltaWriter
+    from weightflow.dsl.store.content import Store
 
 META_FILE = "weightflow.json"
 
@@ -96,12 +96,23 @@ class Inputs(Mapping[str, Any]):
 
 
 class RunContext:
-    """What an op's ``run(inputs, params, ctx)`` may use: output dir, writers, logs."""
+    """What an op's ``run(inputs, params, ctx)`` may use: output dir, writers, logs.
+
+    ``store``, ``platform`` and ``fresh`` are for ops that keep finer-grained results of
+    their own in the store (``evaluate``: one score per model and metric): the store, the
+    platform class this step's results will be recorded as made on (``repro.platform_class``),
+    and whether the step is forced (``run --force``), when nothing kept may be reused.  Without
+    a store such an op computes everything.
+    """
 
     def __init__(self, *, step: str, out: Path, seed: int, dtype: str, pipeline_dir: Path,
                  names: dict[str, str], shard_bytes: int, show_progress: bool,
-                 warn: Callable[[str], None], log: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None], log: Callable[[str], None] | None = None,
+                 store: Store | None = None, platform: str | None = None, fresh: bool = False):
         self.step = step
+        self.store = store
+        self.platform = platform
+        self.fresh = fresh
         self.out = out
         self.seed = seed
         self.dtype = dtype
@@ -134,11 +145,19 @@ class RunContext:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.pipeline_dir / p
 
-    def progress(self, total: int, desc: str, unit: str = "tensor"):
-        from tqdm import tqdm
+    def file_digest(self, path: Path) -> str:
+        """The content digest of a file (memoised in the store, when there is one)."""
+        if self.store is not None:
+            return self.store.file_digest(Path(path))
+        from weightflow.dsl.format.checkpoint import hash_file
 
-        return tqdm(total=total, desc=f"{self.step}: {desc}", unit=unit, leave=False,
-                    disable=not self.show_progress, file=sys.stderr, dynamic_ncols=True)
+        return hash_file(Path(path))
+
+    def progress(self, total: int, desc: str, unit: str = "tensor"):
+        """A progress bar on a terminal, a line every few seconds in a log (engine/progress.py)."""
+        from weightflow.dsl.engine.progress import Bar
+
+        return Bar(self, total, desc, unit, show=self.show_progress)
 
     def warn(self, message: str) -> None:
         self._warn(f"step '{self.step}': {message}")

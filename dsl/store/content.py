@@ -11,6 +11,10 @@ Layout under the store root (default ``~/.cache/weightflow``)::
                            (one object can be the output of several keys).  Kept
                            beside the object, never inside it, so the object's digest
                            and its exported copies do not change
+    scores/ab/<key>.json   one evaluation score (one model's values for one metric recipe),
+                           written by ``evaluate`` so that a rerun recomputes only the
+                           scores whose model or metric changed; checksummed; its mtime
+                           is its last use, as for actions (``gc`` removes old ones)
     tmp/<id>/, tmp/<id>.lock
                            staging directories (same filesystem, so rename is atomic),
                            each owned by the process holding the flock on its .lock
@@ -47,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
 
+import blake3
+
 from weightflow.dsl.format.checkpoint import digest_directory, hash_file
 
 try:  # POSIX; elsewhere staging directories are simply never cleaned automatically
@@ -62,6 +68,8 @@ _HEX = re.compile(r"^[0-9a-f]{16,128}$")
 # A published object with no action yet may be mid-publish (renamed into objects/,
 # its action not yet written): gc leaves such orphans alone for this long.
 ORPHAN_GRACE_S = 3600.0
+# The layout of a score entry (``scores/``); an entry of another format is not trusted.
+SCORE_FORMAT = 1
 
 
 def default_root() -> Path:
@@ -143,6 +151,45 @@ def tree_size(root: Path) -> int:
             with suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, f)).st_size
     return total
+
+
+# -- score entries ----------------------------------------------------------------
+
+def score_check(score: dict) -> str:
+    """The checksum a score entry carries: blake3 of its JSON *in its key order* (a
+    metric that names its own columns reports them in the order of its values, so a
+    reordered entry is a different entry)."""
+    text = json.dumps(score, separators=(",", ":"), ensure_ascii=False)
+    return blake3.blake3(text.encode()).hexdigest()
+
+
+def parse_score(key: str, raw: bytes) -> tuple[dict | None, str | None]:
+    """(the score, None) for a sound entry of ``key``; (None, why not) otherwise.
+
+    An entry is sound when it is a JSON object of this format, names its own key and
+    its score still has the checksum it was written with: a truncated, garbled or
+    copied file is refused, never half-read.
+    """
+    try:
+        doc = json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return None, "it is not valid JSON (truncated or garbled)"
+    if not isinstance(doc, dict):
+        return None, "it is not a JSON object"
+    if doc.get("format") != SCORE_FORMAT:
+        return None, f"its format is {doc.get('format')!r}, expected {SCORE_FORMAT}"
+    if doc.get("key") != key:
+        return None, f"it names key {str(doc.get('key'))[:12]} (copied from another entry)"
+    score = doc.get("score")
+    if not isinstance(score, dict):
+        return None, "it holds no score"
+    try:
+        ok = score_check(score) == doc.get("check")
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        return None, "its content no longer matches its checksum"
+    return score, None
 
 
 # -- the memo ---------------------------------------------------------------------
@@ -381,6 +428,9 @@ class Store:
         """The provenance record saying that ``key`` published object ``digest``."""
         return self.record_dir(digest) / f"{key}.json"
 
+    def score_path(self, key: str) -> Path:
+        return self.root / "scores" / key[:2] / f"{key}.json"
+
     # -- the provenance records ------------------------------------------------
     def _ensure_format(self) -> bool:
         """Backfill provenance records in a store written before they existed.
@@ -532,6 +582,59 @@ class Store:
     def file_digest(self, path: Path, deep: bool = False) -> str:
         return self.memo.file_digest(path, deep)
 
+    # -- score entries -------------------------------------------------------
+    def read_score(self, key: str, warn: Callable[[str], None] | None = None,
+                   touch: bool = True) -> dict | None:
+        """The score stored under ``key``, or None (missing, or unsound: then it is
+        discarded with a warning so that the caller recomputes and rewrites it).
+
+        A hit refreshes the entry's mtime, its last use for ``gc``.
+        """
+        if not is_hex_id(key):
+            return None
+        path = self.score_path(key)
+        score: dict | None = None
+        problem: str | None = None
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            problem = f"it cannot be read ({exc.strerror or exc})"
+        else:
+            score, problem = parse_score(key, raw)
+        if problem:
+            (warn or self.warn)(f"score entry {key[:12]} is corrupted: {problem}; discarding it "
+                                "and recomputing the score")
+            self.discard_score(key)
+            return None
+        if touch:
+            with suppress(OSError):  # a read-only store: last use is simply not recorded
+                os.utime(path)
+        return score
+
+    def write_score(self, key: str, score: dict) -> None:
+        """Store ``score`` (a JSON object) under ``key``, atomically and fsynced like
+        actions; its key order is kept (see ``score_check``), and so are NaN and the
+        infinities (as Python's json writes them: a broken model's loss is kept as it was
+        computed, and its consumer decides what it becomes)."""
+        if not is_hex_id(key):
+            raise ValueError(f"a score key is lowercase hex, got {key!r}")
+        doc = {"format": SCORE_FORMAT, "key": key, "check": score_check(score), "score": score}
+        write_atomic(self.score_path(key), json.dumps(doc, indent=1, ensure_ascii=False).encode())
+
+    def discard_score(self, key: str) -> None:
+        with suppress(OSError):
+            self.score_path(key).unlink()
+
+    def scores(self) -> Iterator[tuple[str, Path]]:
+        """(key, path) of every score entry."""
+        base = self.root / "scores"
+        if not base.is_dir():
+            return
+        for p in sorted(base.glob("*/*.json")):
+            yield p.stem, p
+
     # -- writing -------------------------------------------------------------
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -595,11 +698,11 @@ class Store:
         return removed
 
     def _remove_dead_temp_files(self, older_than_s: float = 3600.0) -> None:
-        """Temp files of atomic writes (``.NAME.*.tmp``) in actions/ and manifests/ left by a
-        process killed between create and rename; a live writer renames its file within
-        milliseconds, so an hour-old one is dead.  They are never read, only clutter."""
+        """Temp files of atomic writes (``.NAME.*.tmp``) in actions/, manifests/ and scores/
+        left by a process killed between create and rename; a live writer renames its file
+        within milliseconds, so an hour-old one is dead.  They are never read, only clutter."""
         cutoff = time.time() - older_than_s
-        for sub in ("actions", "manifests"):
+        for sub in ("actions", "manifests", "scores"):
             base = self.root / sub
             if not base.is_dir():
                 continue
@@ -682,7 +785,9 @@ class Store:
         Keeps every action named in ``keep_keys`` or used (looked up) in the last
         ``older_than_days`` days, every object such an action references, and
         unreferenced objects younger than that (or than ``ORPHAN_GRACE_S``: they may
-        be mid-publish); removes the rest, and staging left by dead processes.
+        be mid-publish); removes the rest, and staging left by dead processes.  Score
+        entries go by age alone: one not used in ``older_than_days`` is removed (it is
+        only a cache; a lock file names reports, whose objects are kept as above).
         Returns what was (or, with ``dry_run``, would be) removed.
         """
         now = time.time() if now is None else now
@@ -695,6 +800,7 @@ class Store:
         stale = self.clean_stale_staging(dry_run=dry_run)
         if not dry_run:
             self._gc_remove(dropped, drop_objects, now)
+        scores_removed, score_bytes, scores_kept = self._gc_scores(cutoff, dry_run)
         for row in dropped:
             row.pop("_path", None)
         entries = dropped + orphans
@@ -709,7 +815,28 @@ class Store:
             "kept_by_lock": sum(k in keep_keys for k in kept_actions),
             "kept_objects": len(kept_digests),
             "staging": [str(p) for p in stale],
+            "scores": scores_removed,
+            "score_bytes": score_bytes,
+            "kept_scores": scores_kept,
         }
+
+    def _gc_scores(self, cutoff: float, dry_run: bool) -> tuple[int, int, int]:
+        """collect's pass over score entries: (removed, their bytes, kept), by last use."""
+        removed = size = kept = 0
+        for _key, path in self.scores():
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if st.st_mtime >= cutoff:
+                kept += 1
+                continue
+            removed += 1
+            size += st.st_size
+            if not dry_run:
+                with suppress(OSError):
+                    path.unlink()
+        return removed, size, kept
 
     def _gc_actions(self, keep_keys: AbstractSet[str], cutoff: float) -> tuple[dict[str, str], list[dict]]:
         """collect's first pass: the actions kept (key -> digest) and the rows of those dropped."""

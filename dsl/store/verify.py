@@ -13,16 +13,23 @@ every byte: as slow as reading the whole store from disk.
 
 ``repair`` discards what is bad -- the action of an untrusted entry; for a corrupt
 object the object and every action that points at it -- so the next run recomputes.
+
+A check of the whole store also reads every score entry (``scores/``, evaluate's cache
+of one model's values for one metric): one that is unreadable, of another format, names
+another key or fails its checksum is a ``corrupt-score``; ``repair`` discards it (a run
+would discard and recompute it anyway).  Lock files name reports, not scores, so a
+check scoped to lock files skips them.
 Torch is never imported.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from weightflow.dsl.lang.diagnostics import WeightflowError
-from weightflow.dsl.store.content import Store, is_hex_id, tree_size
+from weightflow.dsl.store.content import Store, is_hex_id, parse_score, tree_size
 
 PROBLEMS = {
     "unreadable-action": "the action file is unreadable or names no valid object",
@@ -30,6 +37,7 @@ PROBLEMS = {
     "missing-object": "the object it points at is missing",
     "unrecorded": "the object was not published by this key",
     "corrupt-object": "the object's content no longer matches its digest",
+    "corrupt-score": "the score entry is unsound",
 }
 
 
@@ -80,6 +88,8 @@ def verify_store(store: Store, scope: dict[str, dict] | None = None, deep: bool 
             hashed_bytes += tree_size(store.object_path(digest))
         if not store.verify_object(digest, deep=deep):
             problems.extend({**row, "problem": "corrupt-object"} for row in rows)
+    scores, bad_scores = _score_problems(store) if scope is None else (0, [])
+    problems += bad_scores
     for p in problems:
         p["message"] = PROBLEMS[p["problem"]] + (f" ({p['detail']})" if p.get("detail") else "")
         p.pop("detail", None)
@@ -91,6 +101,7 @@ def verify_store(store: Store, scope: dict[str, dict] | None = None, deep: bool 
         "deep": deep,
         "checked": checked,
         "objects": len(by_digest),
+        "scores": scores,
         "hashed_bytes": hashed_bytes,
         "problems": problems,
         "missing": missing,
@@ -119,6 +130,34 @@ def _entry_problem(store: Store, key: str, base: dict) -> dict | None:
     return None
 
 
+def _score_problems(store: Store) -> tuple[int, list[dict]]:
+    """(how many score entries there are, the problem rows of the unsound ones)."""
+    count, rows = 0, []
+    for key, path in store.scores():
+        count += 1
+        raw: bytes | None = None
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            why: str | None = f"it cannot be read ({exc.strerror or exc})"
+        else:
+            _, why = parse_score(key, raw)
+        if why is not None:
+            rows.append({"key": key, "step": _score_step(raw) if raw is not None else None,
+                         "pipeline": None, "digest": None, "problem": "corrupt-score", "detail": why})
+    return count, rows
+
+
+def _score_step(raw: bytes) -> str | None:
+    """The evaluate step an unsound score entry says it was computed by, where it still
+    says so readably (only to name it in the problem row)."""
+    try:
+        step = json.loads(raw)["score"]["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, str) else None
+
+
 def _repair(store: Store, problems: list[dict]) -> None:
     """Discard what ``problems`` found bad (see the module doc); mark each row repaired or not."""
     corrupt = {p["digest"] for p in problems if p["problem"] == "corrupt-object"}
@@ -129,6 +168,10 @@ def _repair(store: Store, problems: list[dict]) -> None:
     for digest in corrupt:
         store.discard_object(digest)
     for p in problems:
+        if p["problem"] == "corrupt-score":
+            store.discard_score(p["key"])
+            p["repaired"] = not store.score_path(p["key"]).exists()
+            continue
         if p["problem"] != "corrupt-object":
             store.discard_action(p["key"])
         p["repaired"] = not store.action_path(p["key"]).exists()

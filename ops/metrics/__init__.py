@@ -79,6 +79,10 @@ class Metric:
     # the file whose stem tells apart unlabelled uses of the metric (default: the first
     # data file param that is set)
     label_file: Callable[[Any], str | None] | None = None
+    # enters the key of every score evaluate caches for this metric: bump it when
+    # ``compute`` gives other numbers for the same model and params, so cached scores
+    # are recomputed instead of reused
+    version: int = 1
 
     @property
     def field(self) -> str:
