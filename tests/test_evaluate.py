@@ -489,7 +489,7 @@ steps:
     assert code == 2  # nothing computed yet: a clear error, not an empty page
     outcome, _ = run(path, store_dir, targets=["scores"])
     rep = report_of(store_dir, outcome)
-    code, md = report()
+    code, md = report("--md")
     assert code == 0
     assert md == (out_dir / "pipeline.report.md").read_text()
     from weightflow.dsl.present.report import fmt
@@ -510,7 +510,7 @@ steps:
     page = (out_dir / "pipeline.report.html").read_text()
     root = ET.fromstring(page.split("\n", 1)[1])  # well-formed XML once the doctype is off
     ns = {"h": "http://www.w3.org/1999/xhtml", "s": "http://www.w3.org/2000/svg"}
-    svgs = root.findall(".//s:svg", ns)
+    svgs = [s for s in root.findall(".//s:svg", ns) if "bar" in s.get("class", "").split()]
     assert len(svgs) == 5  # 3 perplexity columns + 2 sparsity columns
     bars = svgs[0].findall("s:rect", ns)
     assert len(bars) == 2 and float(bars[0].get("width")) > 0
@@ -526,7 +526,7 @@ steps:
     path.write_text(text.replace("dense", "base"))
     _, status = run(path, store_dir, targets=["scores"])
     assert status["scores"] == "cached"
-    code, md2 = report()
+    code, md2 = report("--md")
     assert "| base |" in md2 and "| dense |" not in md2
 
 

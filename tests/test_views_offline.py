@@ -115,7 +115,7 @@ def test_views_never_fingerprint_inputs_or_touch_the_network(tmp_path, store_dir
     assert "weightflow plan" in out and "stale" in out
 
     out_dir = tmp_path / "rep"
-    rc, out, err = cli("report", path, "--cache-dir", store_dir, "--out", out_dir)
+    rc, out, err = cli("report", path, "--md", "--cache-dir", store_dir, "--out", out_dir)
     assert rc == 0, err
     assert "## scores" in out and "| base |" in out and "| merged |" in out
     assert f"`merged` (key {lock['merged']['key'][:12]}" in out

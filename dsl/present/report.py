@@ -1,11 +1,14 @@
 """Rendering Reports (``evaluate``'s output) for people: a terminal table, Markdown, HTML.
 
 ``weightflow report PIPELINE`` collects the cached output of every Report step of a
-pipeline and renders them all: Markdown (printed, and written to a file) and one
-self-contained HTML page with a bar chart per metric column, models side by side
-(inline SVG, no scripts, no external assets).  A report stores models by content
-digest; names come from the pipeline as it is now and keys from its lock file, so a
-renamed step is shown under its new name once the pipeline was rerun.  Torch-free.
+pipeline and renders each as one wide table -- models as rows (step, op, the parameters
+that differ between them, the recorded run time), metric values as columns (↑/↓ for the
+better direction), baselines and chance level marked -- in the terminal, in Markdown
+(written to a file) and in one self-contained HTML page with the pipeline's DAG, a bar
+chart per column worth charting and a curve or heat map per sweep family (``table``,
+``html``, ``svg`` beside this module).  A report stores models by content digest; names
+come from the pipeline as it is now and keys from its lock file, so a renamed step is
+shown under its new name once the pipeline was rerun.  Torch-free.
 
 ``locked_steps`` is how every view (``show``, ``report``, ``export``, ``status``) finds a
 step's output: the lock file names its key and the store holds (or lacks) its entry.
@@ -15,9 +18,7 @@ run is ``weightflow plan``'s business.
 
 from __future__ import annotations
 
-import html
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +26,13 @@ from typing import TYPE_CHECKING
 
 from weightflow.dsl.format.text import fmt
 from weightflow.dsl.lang.diagnostics import WeightflowError
-from weightflow.dsl.lang.spec import Kind
+from weightflow.dsl.lang.spec import Kind, field_markers
+from weightflow.dsl.present import table
+from weightflow.dsl.present.table import arrow
 
 if TYPE_CHECKING:
     from weightflow.dsl.store.content import Entry
     from weightflow.dsl.store.lockfile import LockEntry
-
-PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
-           "#9c755f", "#bab0ac"]
-
 
 # -- collecting ---------------------------------------------------------------------------
 
@@ -126,20 +125,63 @@ def lock_only_steps(pipeline) -> list[str]:
     return [n for n in lockfile.read(pipeline.lock_path) if n not in pipeline.steps]
 
 
-def collect(pipeline, store, warn: Callable[[str], None] | None = None) -> list[dict]:
-    """Every Report step of ``pipeline``, in order: its report (when the lock names an
-    entry the store holds) and its models' current step names, locked keys and digests.
-    Reads the lock file and the store only (see ``locked_steps``)."""
+def step_params(step) -> dict:
+    """A step's parameters as the report's table compares them: scalars and short lists of
+    scalars, without references to other steps or data files (their content is in the key,
+    not in a name a reader compares)."""
+    refs = {path[0] for path, _, _ in field_markers(step.params) if path}
+    out = {}
+    for k, v in step.params_json().items():
+        if k in refs or v is None:
+            continue
+        if isinstance(v, (str, int, float, bool)) or (
+                isinstance(v, list) and len(v) <= 6 and all(isinstance(x, (str, int, float, bool)) for x in v)):
+            out[k] = v
+    return out
+
+
+def _num_labels(entry: Entry | None) -> int | None:
+    """The labels of a classifier's head (its config's id2label), for the chance level."""
+    if entry is None:
+        return None
+    try:
+        config = json.loads((entry.path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    archs = config.get("architectures") or []
+    if not any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs):
+        return None
+    labels = config.get("id2label")
+    return len(labels) if isinstance(labels, dict) else config.get("num_labels")
+
+
+def _model_info(pipeline, store, name: str, locked: LockEntry | None, warn) -> dict:
+    """A scored model's row: its op, parameters, recorded run time and number of labels."""
+    step = pipeline.steps.get(name)
+    entry = store.lookup(locked.key, warn=warn, touch=False) if locked else None
+    seconds = entry.manifest.get("seconds") if entry else None
+    return {"op": step.op.name if step else None, "params": step_params(step) if step else {},
+            "seconds": seconds if isinstance(seconds, (int, float)) else None, "num_labels": _num_labels(entry)}
+
+
+def collect(pipeline, store, warn: Callable[[str], None] | None = None,
+            only: list[str] | None = None) -> list[dict]:
+    """Every Report step of ``pipeline`` (or those in ``only``), in order: its report (when
+    the lock names an entry the store holds) and its models' current step names, ops,
+    parameters, locked keys, digests and recorded run times.  Reads the lock file and the
+    store only (see ``locked_steps``)."""
     from weightflow.dsl.store import lockfile
 
-    names = [n for n, step in pipeline.steps.items() if step.op.output == Kind.REPORT]
+    names = [n for n, step in pipeline.steps.items()
+             if step.op.output == Kind.REPORT and (only is None or n in only)]
     reports = locked_steps(pipeline, store, names, touch=True, verify=True, warn=warn)
     lock = lockfile.read(pipeline.lock_path)
     out = []
     for name in names:
         s = reports[name]
         doc = {"step": name, "op": s.op, "status": s.state, "key": s.key, "digest": s.digest,
-               "reason": s.reason, "report": None, "models": []}
+               "reason": s.reason, "report": None, "models": [],
+               "seconds": s.entry.manifest.get("seconds") if s.entry else None}
         sources = [e.source for e in pipeline.steps[name].inputs if e.field and e.field[0] == "models"]
         doc["models"] = [{"step": m, "key": lock[m].key if m in lock else None,
                           "digest": lock[m].digest if m in lock else None} for m in sources]
@@ -153,6 +195,7 @@ def collect(pipeline, store, warn: Callable[[str], None] | None = None) -> list[
                 for m, r in zip(doc["models"], rep_models, strict=True):
                     if m["digest"] and r.get("digest") and m["digest"] != r["digest"]:
                         m["note"] = "digest differs from the report's"
+                    m.update(_model_info(pipeline, store, m["step"], lock.get(m["step"]), warn))
             else:  # not evaluate's layout: name the models by digest
                 doc["models"] = [{"step": (r.get("digest") or "?")[:12], "key": None, "digest": r.get("digest")}
                                  for r in rep_models]
@@ -162,16 +205,12 @@ def collect(pipeline, store, warn: Callable[[str], None] | None = None) -> list[
 
 # -- numbers ------------------------------------------------------------------------------
 
-def _arrow(better) -> str:
-    return {"lower": " ↓", "higher": " ↑"}.get(better or "", "")
-
-
 def _tables(report: dict, names: list[str]):
-    """(label, metric, header, rows) per metric of a report."""
+    """(label, metric, header, rows) per metric of a report: every value, counts too."""
     results = report.get("results") or []
     for j, metric in enumerate(report.get("metrics") or []):
         cols = metric.get("columns") or []
-        header = ["model"] + [c["name"] + _arrow(c.get("better")) for c in cols]
+        header = ["model"] + [c["name"] + arrow(c.get("better")) for c in cols]
         rows = []
         for i, name in enumerate(names):
             values = results[i][j].get("values", {}) if i < len(results) and j < len(results[i]) else {}
@@ -179,23 +218,20 @@ def _tables(report: dict, names: list[str]):
         yield metric.get("label", metric.get("metric", f"metric {j + 1}")), metric.get("metric", ""), header, rows
 
 
-def text_table(report: dict, names: list[str], title: str = "") -> str:
-    """The report as plain-text tables (one per metric), for the terminal."""
-    lines = [title] if title else []
-    for label, kind, header, rows in _tables(report, names):
-        widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
-        lines.append(f"  {label}" + (f" ({kind})" if kind and kind != label else ""))
-        for r in [header] + rows:
-            lines.append("    " + "  ".join(c.ljust(w) if k == 0 else c.rjust(w)
-                                           for k, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
-    return "\n".join(lines)
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def text_report(pipeline_name: str, reports: list[dict]) -> str:
+    """Every report as its wide table, for the terminal."""
+    out = [f"{pipeline_name}: evaluation report"]
+    for doc in reports:
+        out.append("")
+        if doc["report"] is None:
+            out.append(f"{doc['step']}: not computed yet ({doc['reason'] or doc['status']}); run the pipeline first.")
+            continue
+        out.append(table.text(table.build(doc), title=f"{doc['step']}:"))
+    return "\n".join(out) + "\n"
 
 
 def markdown(pipeline_name: str, reports: list[dict]) -> str:
+    """Every report as its wide table (families as pivot tables), then every value per metric."""
     out = [f"# {pipeline_name}: evaluation report", ""]
     for doc in reports:
         out.append(f"## {doc['step']}")
@@ -203,120 +239,44 @@ def markdown(pipeline_name: str, reports: list[dict]) -> str:
         if doc["report"] is None:
             out += [f"_not computed yet ({doc['reason'] or doc['status']}); run the pipeline first._", ""]
             continue
+        out += table.markdown(table.build(doc))
+        out += ["### Every value, per metric", ""]
         names = [m["step"] for m in doc["models"]]
         for label, kind, header, rows in _tables(doc["report"], names):
-            out.append(f"### {label}" + (f" ({kind})" if kind and kind != label else ""))
+            out.append(f"#### {label}" + (f" ({kind})" if kind and kind != label else ""))
             out.append("")
-            out.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
-            out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-            for r in rows:
-                out.append("| " + " | ".join(_md_cell(c) for c in r) + " |")
+            out += table.md_grid(header, rows, ["l"] + ["r"] * (len(header) - 1))
             out.append("")
+        seconds = doc.get("seconds")
         out.append("Models: " + "; ".join(
             f"`{m['step']}` (key {(m['key'] or '-')[:12]}, digest {(m['digest'] or '-')[:12]})"
-            for m in doc["models"]) + f". Report step key {(doc['key'] or '-')[:12]}.")
+            for m in doc["models"]) + f". Report step key {(doc['key'] or '-')[:12]}"
+            + (f", scored in {table.fmt_seconds(seconds)}" if seconds is not None else "") + ".")
         out.append("")
-    out.append("↓ lower is better, ↑ higher is better.")
     return "\n".join(out) + "\n"
 
 
-# -- HTML ---------------------------------------------------------------------------------
-
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def bar_chart(title: str, names: list[str], values: list, better=None) -> str:
-    """A horizontal bar chart (inline SVG): one bar per model, its value printed beside it."""
-    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-    row_h, label_w, bar_w, pad = 22, max(60, 7 * max(len(n) for n in names) + 10), 320, 8
-    height = pad * 2 + 20 + row_h * len(names)
-    width = label_w + bar_w + 90
-    positive = [v for v in nums if v > 0]
-    # a log scale when values span orders of magnitude (a broken model's perplexity beside
-    # a good one's); never for fractions, where zero and linear bars read better
-    log = bool(positive) and len(positive) == len(nums) and max(positive) >= 10 and \
-        max(positive) / min(positive) > 50
-    if log:
-        lo = math.floor(math.log10(min(positive)))
-        hi = math.log10(max(positive))
-
-        def scale(v):
-            return (math.log10(v) - lo) / (hi - lo) if hi > lo else 1.0
-    else:
-        top = max([abs(v) for v in nums] + [0])
-
-        def scale(v):
-            return abs(v) / top if top else 0.0
-    caption = title + _arrow(better) + (" (log scale)" if log else "")
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(caption)}">',
-             f'<text x="{pad}" y="{pad + 12}" class="t">{_e(caption)}</text>']
-    for i, (name, v) in enumerate(zip(names, values, strict=True)):
-        y = pad + 20 + i * row_h
-        parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(name)}</text>')
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        w = max(1.0, scale(v) * bar_w) if ok else 0.0
-        if ok:
-            parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" '
-                         f'fill="{PALETTE[i % len(PALETTE)]}"><title>{_e(name)}: {_e(fmt(v))}</title></rect>')
-        parts.append(f'<text x="{label_w + w + 5:.1f}" y="{y + 15}">{_e(fmt(v))}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #ddd;padding:.3em .6em}
-td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f5f5f5}
-.charts{display:flex;flex-wrap:wrap;gap:1em}svg{background:#fafafa;border:1px solid #eee}
-svg text{font-size:12px;fill:#222}svg text.t{font-weight:600}.muted{color:#777;font-size:.9em}
-code{background:#f3f3f3;padding:0 .2em}
-"""
-
-
-def html_page(pipeline_name: str, reports: list[dict]) -> str:
+def html_page(pipeline_name: str, reports: list[dict], dag: dict | None = None, description: str = "") -> str:
     """The reports as one self-contained, well-formed (XHTML-compatible) HTML page."""
-    body = [f"<h1>{_e(pipeline_name)}: evaluation report</h1>"]
-    for doc in reports:
-        body.append(f"<h2>{_e(doc['step'])}</h2>")
-        if doc["report"] is None:
-            body.append(f"<p class=\"muted\">not computed yet ({_e(doc['reason'] or doc['status'])}); "
-                        "run the pipeline first.</p>")
-            continue
-        report = doc["report"]
-        names = [m["step"] for m in doc["models"]]
-        results = report.get("results") or []
-        for j, (label, kind, header, rows) in enumerate(_tables(report, names)):
-            body.append(f"<h3>{_e(label)}" + (f" <span class=\"muted\">({_e(kind)})</span>"
-                                                if kind and kind != label else "") + "</h3>")
-            body.append("<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) +
-                        "</tr></thead><tbody>")
-            for r in rows:
-                body.append("<tr>" + f"<td>{_e(r[0])}</td>" + "".join(f"<td class=\"n\">{_e(c)}</td>" for c in r[1:])
-                            + "</tr>")
-            body.append("</tbody></table>")
-            charts = []
-            for col in report["metrics"][j].get("columns") or []:
-                if not col.get("chart"):
-                    continue
-                vals = [results[i][j].get("values", {}).get(col["name"]) if i < len(results) else None
-                        for i in range(len(names))]
-                if any(isinstance(v, (int, float)) for v in vals):
-                    charts.append(bar_chart(col["name"], names, vals, col.get("better")))
-            if charts:
-                body.append("<div class=\"charts\">" + "".join(charts) + "</div>")
-        body.append("<p class=\"muted\">Models: " + "; ".join(
-            f"<code>{_e(m['step'])}</code> (key {_e((m['key'] or '-')[:12])}, digest "
-            f"{_e((m['digest'] or '-')[:12])})" for m in doc["models"]) +
-            f". Report step key {_e((doc['key'] or '-')[:12])}.</p>")
-    body.append("<p class=\"muted\">↓ lower is better, ↑ higher is better.</p>")
-    return ("<!DOCTYPE html>\n<html xmlns=\"http://www.w3.org/1999/xhtml\" lang=\"en\"><head>"
-            "<meta charset=\"utf-8\"/><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/>"
-            f"<title>{_e(pipeline_name)}: evaluation report</title><style>{CSS}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    from weightflow.dsl.present import html
+
+    return html.page(pipeline_name, reports, dag, description)
+
+
+def dag_of(pipeline, store=None) -> dict:
+    """The pipeline's steps and edges for the page's drawing, with the recorded run time
+    of every step the store holds (their sum: what the whole pipeline cost to compute)."""
+    from weightflow.dsl.lang import graph
+
+    order = graph.topo_order(pipeline)
+    nodes = [(n, pipeline.steps[n].op.name, pipeline.steps[n].op.output.value) for n in order]
+    edges = list(dict.fromkeys((e.source, n) for n in order for e in pipeline.steps[n].inputs))
+    total = None
+    if store is not None:
+        times = [s.entry.manifest.get("seconds") for s in locked_steps(pipeline, store).values() if s.entry]
+        nums = [t for t in times if isinstance(t, (int, float))]
+        total = sum(nums) if nums else None
+    return {"nodes": nodes, "edges": edges, "seconds": total}
 
 
 def render(pipeline, store, out_dir: Path | None = None,
@@ -330,12 +290,12 @@ def render(pipeline, store, out_dir: Path | None = None,
                               f"`weightflow run {pipeline.path.name}` first")
     name = pipeline.name or pipeline.path.stem
     md = markdown(name, reports)
-    page = html_page(name, reports)
+    page = html_page(name, reports, dag_of(pipeline, store), pipeline.description or "")
     out_dir = Path(out_dir) if out_dir is not None else pipeline.base_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out_dir / f"{pipeline.path.stem}.report.md",
              "html": out_dir / f"{pipeline.path.stem}.report.html"}
     files["markdown"].write_text(md, encoding="utf-8")
     files["html"].write_text(page, encoding="utf-8")
-    return {"markdown": md, "html": page, "files": {k: str(v) for k, v in files.items()},
-            "reports": reports}
+    return {"markdown": md, "html": page, "text": text_report(name, reports),
+            "files": {k: str(v) for k, v in files.items()}, "reports": reports}
