@@ -13,6 +13,7 @@ key and of the value, so later stages can point at the exact spot of a problem.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +214,108 @@ def _text_size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+def _source_lines(text: str) -> list[str]:
+    return text.split("\n")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _content_line_before(lines: list[str], index: int) -> int | None:
+    """Index of the nearest line above ``index`` holding YAML (not blank, not a comment)."""
+    for i in range(min(index, len(lines)) - 1, -1, -1):
+        stripped = lines[i].strip()
+        if stripped and not stripped.startswith("#"):
+            return i
+    return None
+
+
+_CLOSERS = {"flow mapping": ("{", "}"), "flow sequence": ("[", "]")}
+_KEY_VALUE = re.compile(r"^\s*(?:-\s+)?[^\s#:][^:#]*:\s+\S")  # 'key: value' on one line
+
+
+def plain_yaml_problem(exc: yaml.MarkedYAMLError, text: str) -> str | None:  # noqa: C901
+    """What the common YAML mistakes mean, in the user's terms (None: no better words).
+
+    PyYAML reports where its grammar broke, in grammar words ("expected <block end>, but
+    found '<block mapping start>'"), often lines after the mistake.  The usual causes are
+    few -- a line indented more or less than its neighbours, a tab, a quote or bracket
+    left open, a ': ' inside an unquoted value -- and each shows in the text around the
+    marks, so we look there and name the line to fix.
+    """
+    mark, context_mark = exc.problem_mark, exc.context_mark
+    problem, context = exc.problem or "", exc.context or ""
+    if mark is None:
+        return None
+    lines = _source_lines(text)
+    line_no = mark.line + 1
+    here = lines[mark.line] if mark.line < len(lines) else ""
+
+    if "found character '\\t'" in problem:
+        if here[:mark.column].strip(" ") == "":
+            return (f"line {line_no} is indented with a tab; YAML indents with spaces only: "
+                    "replace the tab with spaces")
+        return f"a tab on line {line_no} where YAML expects a value or a key: use spaces"
+
+    if "quoted scalar" in context and "end of stream" in problem and context_mark is not None:
+        quote = text[context_mark.index] if context_mark.index < len(text) else "'"
+        return (f"the {quote} opened on line {context_mark.line + 1}, column {context_mark.column + 1} is "
+                f"never closed: add the closing {quote} (to put a {quote} inside the text, use the "
+                "other kind of quote around it)")
+
+    for kind, (opener, closer) in _CLOSERS.items():
+        if kind in context and context_mark is not None and f"or '{closer}'" in problem:
+            opened = f"the '{opener}' opened on line {context_mark.line + 1}, column {context_mark.column + 1}"
+            got = problem.rsplit("but got ", 1)[-1].strip("'")
+            if got in ("}", "]") and got != closer:
+                return f"{opened} is closed with '{got}' on line {line_no}: close it with '{closer}'"
+            if got == "<stream end>" or mark.line != context_mark.line:
+                return (f"{opened} is not closed by the end of its line: add '{closer}' where its "
+                        f"items end (items are separated by ', ')")
+            return None
+
+    if "while parsing a block mapping" in context and context_mark is not None and "expected <block end>" in problem:
+        keys = (f"the mapping's keys start in column {context_mark.column + 1}, as on line "
+                f"{context_mark.line + 1}")
+        if "'-'" in problem:
+            return (f"line {line_no} starts a list item ('- ') inside a mapping ({keys}): a list must be "
+                    "the value of a key (the key on the line before, ending in ':'); check the "
+                    f"indentation of line {line_no}")
+        if "<scalar>" in problem and (mark.line == context_mark.line or mark.column > _indent(here)):
+            return (f"text after a value on line {line_no}: a quoted value must end at its closing "
+                    "quote; quote the whole value, or put it on a line of its own")
+        before = _content_line_before(lines, mark.line)
+        if before is not None and mark.column < _indent(lines[before]):
+            # dedented from the line above, yet deeper than the mapping: lines up with nothing
+            return (f"line {line_no} is indented to column {mark.column + 1}, which lines up with no key "
+                    f"above it (line {before + 1} starts in column {_indent(lines[before]) + 1}; {keys}): "
+                    f"check the indentation of line {line_no}")
+        return (f"this line is indented more than its mapping ({keys}): check the "
+                f"indentation of line {line_no}")
+
+    if problem == "mapping values are not allowed here":
+        before = _content_line_before(lines, mark.line)
+        prefix = here[:mark.column]
+        if ": " in prefix.strip() or prefix.rstrip().endswith(":"):
+            return (f"a ': ' inside the value on line {line_no}: quote the value (e.g. "
+                    "key: \"text: with a colon\")")
+        if before is not None and _indent(here) > _indent(lines[before]) and _KEY_VALUE.match(lines[before]):
+            return (f"line {line_no} is indented more than line {before + 1} above it, whose key already has "
+                    f"a value: check the indentation of line {line_no} (a nested mapping goes under a "
+                    "key that ends in ':' with nothing after it)")
+        if before is not None and re.search(r"\S:\S", lines[before]) and ": " not in lines[before]:
+            return (f"line {before + 1} has no space after its ':' ({lines[before].strip()!r}), so YAML reads "
+                    "it as text, not as a key: write 'key: value'")
+        return None
+
+    if "while scanning a simple key" in context and "could not find expected ':'" in problem \
+            and context_mark is not None:
+        return (f"line {context_mark.line + 1} ({lines[context_mark.line].strip()!r}) is neither 'key: value' "
+                "nor a list item: add the ':' (or check its indentation)")
+    return None
+
+
 def load_yaml(text: str, filename: str) -> tuple[Any, Positions, list[Diagnostic]]:
     """Parse ``text``; return (data, positions, diagnostics).
 
@@ -260,6 +363,9 @@ def _load(text: str, filename: str,  # noqa: C901
             problem += " (only plain YAML is allowed; tags such as !!python/... are refused)"
         if "found character '\\t'" in problem:
             problem += " (indent with spaces; YAML does not allow tabs there)"
+        plain = plain_yaml_problem(exc, text)
+        if plain:  # say what to fix first; the parser's words stay for searching
+            problem = f"{plain} (the YAML parser says: {problem})"
         return None, pos, [Diagnostic(filename, line, col, f"YAML syntax error: {problem}")], True
     except yaml.reader.ReaderError as exc:
         line, col = _offset_mark(text, exc.position) if isinstance(text, str) else (1, 1)

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# progress lines where no bar is drawn (dsl/engine/progress.py), re-exported for old imports
+from weightflow.dsl.engine.progress import PROGRESS_INTERVAL_ENV, ProgressLines, progress_interval  # noqa: F401
 from weightflow.dsl.lang.diagnostics import OpError
 from weightflow.ops.lib.data import read_records
 from weightflow.ops.lib.models import _why as _models_why
@@ -458,7 +460,7 @@ def train(model, params: TrainParams, ctx, steps: int, micro_loss: Callable[[], 
     accum = params.gradient_accumulation_steps
     curve: list[dict] = []
     model.train()
-    with ctx.progress(steps, "train", unit="step") as bar:
+    with ctx.progress(steps, "train step", unit="step") as bar:
         for step in range(1, steps + 1):
             logs: dict[str, float] = {}
             for _ in range(accum):
@@ -477,7 +479,7 @@ def train(model, params: TrainParams, ctx, steps: int, micro_loss: Callable[[], 
             optimizer.zero_grad(set_to_none=True)
             if step % params.logging_steps == 0 or step == steps:
                 curve.append({"step": step, **{k: round(v, 6) for k, v in logs.items()}, "lr": lr})
-            bar.set_postfix(loss=f"{logs.get('loss', 0.0):.4g}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=logs.get("loss", 0.0), lr=lr)
             bar.update(1)
             if on_step is not None:
                 on_step(step)
