@@ -49,7 +49,34 @@ def _load(path: str, args=None):
     p = load_pipeline(path, _var_overrides(getattr(args, "var", None)))
     for w in p.warnings:
         _err(w.format())
+    _relocate(p, getattr(args, "out_dir", None), getattr(args, "lock", None))
     return p
+
+
+def _relocate(p, out_dir: str | None, lock: str | None) -> None:
+    """Apply ``--out DIR`` / ``--lock FILE``: a ready-made pipeline run from a library
+    checkout (with ``--var``) must not write ``out/`` and a lock file into that checkout.
+
+    ``--out DIR``: outputs written as relative paths resolve under DIR (absolute ones stay),
+    and the lock file is DIR/<pipeline stem>.lock; ``--lock FILE`` names the lock file
+    itself (it wins over --out's).  ``--frozen``, ``plan`` and ``status`` read the same place.
+    """
+    if out_dir:
+        root = Path(out_dir).expanduser().absolute()
+        p.outputs = {name: root / p.relative_outputs[name] if name in p.relative_outputs else target
+                     for name, target in p.outputs.items()}
+        p.lock_file = root / p.path.with_suffix(".lock").name
+    if lock:
+        p.lock_file = Path(lock).expanduser().absolute()
+
+
+def _place_args(sp) -> None:
+    """``--out DIR`` and ``--lock FILE`` (see ``_relocate``) for the commands that read the lock."""
+    sp.add_argument("--out", dest="out_dir", metavar="DIR",
+                    help="resolve relative `outputs:` under DIR and keep the lock file there as "
+                    "DIR/<pipeline>.lock (default: beside the pipeline)")
+    sp.add_argument("--lock", metavar="FILE", help="the lock file to read and write (default: "
+                    "<pipeline>.lock beside the pipeline, or in --out DIR)")
 
 
 def _store(args):
@@ -74,7 +101,105 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def _steps_json(pipeline, statuses) -> dict:
-    return {"pipeline": str(pipeline.path), "steps": [s.as_json() for s in statuses]}
+    steps = [{**s.as_json(), **_family_fields(pipeline, s.name)} for s in statuses]
+    doc: dict[str, object] = {"pipeline": str(pipeline.path), "steps": steps}
+    if pipeline.families:
+        doc["families"] = {f: [m.name for m in members] for f, members in pipeline.families.items()}
+    return doc
+
+
+# -- families (sweeps): one row for all members unless --expand -------------------
+
+def _family_fields(pipeline, name: str) -> dict:
+    """``family`` and ``matrix`` (the member's values) for a member's JSON entry, else {}."""
+    step = pipeline.steps.get(name)
+    if step is None or not step.family:
+        return {}
+    return {"family": step.family, "matrix": step.matrix}
+
+
+def _counted(values: list[str]) -> str:
+    """'4 cached, 2 to run': how many times each value occurs, in first-seen order ('-' and
+    empty values are not counted)."""
+    counts: dict[str, int] = {}
+    for v in values:
+        if v not in ("", "-"):
+            counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{n} {v}" for v, n in counts.items()) or "-"
+
+
+def _fold_families(pipeline, names: list[str], rows: list[list[str]], counted: dict[int, dict[str, str]],
+                   expand: bool, blank: tuple[int, ...] = ()) -> tuple[list[list[str]], list[str]]:
+    """``rows`` (one per step in ``names``) with each family's members folded into one row,
+    at its first member: ``merged@* (6 members)``, the columns in ``counted`` as counts of
+    their values (each value renamed through its mapping, e.g. pending -> to run), those in
+    ``blank`` (keys, digests) as '-', the others as their distinct values.  ``expand``: the
+    members' rows follow, indented.  Also returns one summary line per family
+    (``merged@* (6 members): 2 cached, 4 to run``)."""
+    by_family: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        step = pipeline.steps.get(n)
+        if step is not None and step.family:
+            by_family.setdefault(step.family, []).append(i)
+    out: list[list[str]] = []
+    lines: list[str] = []
+    for i, (n, row) in enumerate(zip(names, rows, strict=True)):
+        step = pipeline.steps.get(n)
+        family = step.family if step is not None else None
+        if not family:
+            out.append(row)
+            continue
+        members = by_family[family]
+        if i != members[0]:
+            continue
+        label = f"{family}@* ({len(members)} member{'s' if len(members) != 1 else ''})"
+        folded = [label]
+        summary: list[str] = []
+        for c in range(1, len(row)):
+            column = [str(rows[j][c]) for j in members]
+            if c in counted:
+                folded.append(_counted([counted[c].get(v, v) for v in column]))
+                summary.append(folded[-1])
+            elif c in blank:
+                folded.append("-")
+            else:
+                distinct = [v for v in dict.fromkeys(column) if v not in ("", "-")]
+                folded.append("; ".join(distinct) if len(distinct) <= 2 else
+                              f"{'; '.join(distinct[:2])}; ...")
+        out.append(folded)
+        lines.append(f"{label}: {'; '.join(s for s in summary if s != '-')}")
+        if expand:
+            out.extend(["  " + str(rows[j][0])] + list(rows[j][1:]) for j in members)
+    return out, lines
+
+
+def _compact_names(pipeline, names: list[str]) -> list[str]:
+    """``names`` with every family all of whose members are listed written as ``FAMILY@*``."""
+    listed = set(names)
+    whole = {f for f, members in pipeline.families.items() if all(m.name in listed for m in members)}
+    out: list[str] = []
+    for n in names:
+        step = pipeline.steps.get(n)
+        family = step.family if step is not None else None
+        if family in whole:
+            if f"{family}@*" not in out:
+                out.append(f"{family}@*")
+        else:
+            out.append(n)
+    return out
+
+
+def _reproducible_arg(sp, prefix: str) -> None:
+    sp.add_argument("--reproducible", choices=["platform", "strict"], default=None,
+                    help=prefix + "override the pipeline's 'reproducible' key: strict pins CPU kernels, "
+                    "MKL's path and the thread count so bytes do not depend on the machine (slower); "
+                    "platform lets torch choose (digests hold for this platform, which the lock file "
+                    "records)")
+
+
+def _expand_arg(sp) -> None:
+    sp.add_argument("--expand", action="store_true",
+                    help="list every member of a step family (matrix/foreach) instead of one row for it")
 
 
 # -- commands -------------------------------------------------------------------
@@ -93,17 +218,27 @@ def cmd_plan(args) -> int:
     from weightflow.dsl.engine.planner import plan
 
     p = _load(args.pipeline, args)
+    args.target, args.force = p.expand_names(args.target), p.expand_names(args.force)  # FAMILY@*
     _check_steps(p, args.target, "--target")
     _check_steps(p, args.force, "--force")
-    statuses = plan(p, _store(args), args.target, args.force, warn=lambda m: _err(f"warning: {m}"))
+    statuses = plan(p, _store(args), args.target, args.force, warn=lambda m: _err(f"warning: {m}"),
+                    mode=args.reproducible)
     if args.json:
         print(json.dumps(_steps_json(p, statuses)))
         return 0
     rows = [[s.name, s.op, s.status, (s.key or "-")[:12], (s.digest or "-")[:12], s.reason]
             for s in statuses]
-    _print_table(rows, ["STEP", "OP", "STATUS", "KEY", "DIGEST", "REASON"])
+    header = ["STEP", "OP", "STATUS", "KEY", "DIGEST", "REASON"]
+    if any(s.drift for s in statuses):  # only where a recomputed digest may differ from the lock
+        rows = [r + [s.drift or "-"] for r, s in zip(rows, statuses, strict=True)]
+        header.append("MAY DIFFER FROM LOCK")
+    rows, family_lines = _fold_families(p, [s.name for s in statuses], rows, {2: {"pending": "to run"}},
+                                        args.expand, blank=(3, 4))
+    _print_table(rows, header)
     todo = sum(s.status == "pending" for s in statuses)
     print(f"\n{todo} step(s) to run, {sum(s.status == 'cached' for s in statuses)} cached")
+    for line in family_lines:
+        print(line)
     return 0
 
 
@@ -112,6 +247,7 @@ def cmd_run(args) -> int:
     from weightflow.dsl.engine.runner import Runner
 
     p = _load(args.pipeline, args)
+    args.target, args.force = p.expand_names(args.target), p.expand_names(args.force)  # FAMILY@*
     _check_steps(p, args.target, "--target")
     _check_steps(p, args.force, "--force")
     mode = args.reproducible or p.reproducible
@@ -138,12 +274,14 @@ def cmd_run(args) -> int:
         doc = _steps_json(p, outcome.steps)
         doc["lock_changed"] = outcome.lock_changed
         doc["exported"] = outcome.exported
+        doc["lock"] = str(p.lock_path)
         print(json.dumps(doc))
     elif not args.quiet:
         executed = sum(s.status == "executed" for s in outcome.steps)
         cached = sum(s.status == "cached" for s in outcome.steps)
         print(f"{executed} executed, {cached} cached"
-              + (f"; lock file {p.lock_path.name} updated" if outcome.lock_changed else ""))
+              + (f"; lock file {p.lock_path if p.lock_file else p.lock_path.name} updated"
+                 if outcome.lock_changed else ""))
     return 0
 
 
@@ -157,9 +295,9 @@ def cmd_dag(args) -> int:
     if args.mermaid:
         print("flowchart TD")
         for name in order:
-            print(f'  {name.replace("-", "_")}["{name}<br/>{p.steps[name].op.name}"]')
+            print(f'  {_mermaid_id(name)}["{name}<br/>{p.steps[name].op.name}"]')
         for a, b in edges:
-            print(f"  {a.replace('-', '_')} --> {b.replace('-', '_')}")
+            print(f"  {_mermaid_id(a)} --> {_mermaid_id(b)}")
     elif args.dot:
         print("digraph weightflow {\n  rankdir=TB;")
         for name in order:
@@ -168,37 +306,68 @@ def cmd_dag(args) -> int:
             print(f'  "{a}" -> "{b}";')
         print("}")
     else:
+        shown: set[str] = set()
         for name in order:
             step = p.steps[name]
             srcs = list(dict.fromkeys(e.source for e in step.inputs))
+            if not args.expand:
+                srcs = list(dict.fromkeys(_compact_names(p, srcs)))
+                if step.family and step.family in shown:
+                    continue
+                if step.family:
+                    shown.add(step.family)
+                    members = p.families[step.family]
+                    name = f"{step.family}@* ({len(members)} members)"
             arrow = f" <- {', '.join(srcs)}" if srcs else ""
             print(f"{name} ({step.op.name}: {step.op.output.value}){arrow}")
     return 0
 
 
+def _mermaid_id(name: str) -> str:
+    """A mermaid node id for step ``name`` (member names hold '@', '=', ',' and '.')."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _lock_and_cache_state(s) -> tuple[str, str]:
+    """``status``'s LOCK and CACHE cells for one step of ``locked_steps``."""
+    from weightflow.dsl.present.report import CACHED, NOT_LOCKED
+
+    if s.locked is None:
+        lock_state = NOT_LOCKED
+    elif s.op_changed:
+        lock_state = f"locked by op {s.locked.op}"
+    else:
+        lock_state = "locked"
+    if s.entry is not None and s.state == CACHED:  # (CACHED: the entry is there)
+        cache = "in store" if s.entry.digest == s.digest else "output differs from lock"
+    elif s.state == NOT_LOCKED:
+        cache = "-"
+    else:
+        cache = "missing"
+    return lock_state, cache
+
+
 def cmd_status(args) -> int:
-    from weightflow.dsl.present.report import CACHED, NOT_LOCKED, lock_only_steps, locked_steps
+    from weightflow.dsl.engine.planner import drift_note, installed_versions
+    from weightflow.dsl.present.report import lock_only_steps, locked_steps
 
     p = _load(args.pipeline, args)
     steps = locked_steps(p, _store(args), warn=_view_warn)
+    mode = args.reproducible or p.reproducible
+    versions = installed_versions()
     rows = []
     out = []
     for s in steps.values():
-        if s.locked is None:
-            lock_state = NOT_LOCKED
-        elif s.op_changed:
-            lock_state = f"locked by op {s.locked.op}"
-        else:
-            lock_state = "locked"
-        if s.entry is not None and s.state == CACHED:  # (CACHED: the entry is there)
-            cache = "in store" if s.entry.digest == s.digest else "output differs from lock"
-        elif s.state == NOT_LOCKED:
-            cache = "-"
-        else:
-            cache = "missing"
-        rows.append([s.name, s.op, lock_state, cache, (s.key or "-")[:12], (s.digest or "-")[:12]])
+        lock_state, cache = _lock_and_cache_state(s)
+        drift = ""
+        if s.locked is not None and cache != "in store":  # it would be recomputed here
+            drift = drift_note(p.steps[s.name], s.locked, mode, versions)
+        rows.append([s.name, s.op, lock_state, cache, (s.key or "-")[:12], (s.digest or "-")[:12], drift])
         out.append({"name": s.name, "op": s.op, "lock": lock_state, "cache": cache,
-                    "key": s.key, "digest": s.digest})
+                    "key": s.key, "digest": s.digest, **({"drift": drift} if drift else {}),
+                    **_family_fields(p, s.name)})
     unlocked = [s.name for s in steps.values() if s.locked is None]
     changed = [s.name for s in steps.values() if s.op_changed]
     gone = lock_only_steps(p)
@@ -206,7 +375,7 @@ def cmd_status(args) -> int:
     if unlocked and len(unlocked) == len(steps):
         notes.append(f"{p.lock_path.name} names no step of this pipeline: run it")
     elif unlocked:
-        notes.append(f"not in {p.lock_path.name} (run the pipeline): {', '.join(unlocked)}")
+        notes.append(f"not in {p.lock_path.name} (run the pipeline): {', '.join(_compact_names(p, unlocked))}")
     if changed:
         notes.append(f"the pipeline names another op than {p.lock_path.name} for: {', '.join(changed)}")
     if gone:
@@ -218,10 +387,15 @@ def cmd_status(args) -> int:
         print(json.dumps({"pipeline": str(p.path), "lock": str(p.lock_path), "steps": out,
                           "not_locked": unlocked, "op_changed": changed, "lock_only": gone}))
     else:
-        _print_table(rows, ["STEP", "OP", "LOCK", "CACHE", "KEY", "DIGEST"])
+        header = ["STEP", "OP", "LOCK", "CACHE", "KEY", "DIGEST", "MAY DIFFER FROM LOCK"]
+        if not any(r[-1] for r in rows):  # the column only where a recomputed digest may differ
+            rows, header = [r[:-1] for r in rows], header[:-1]
+        rows, family_lines = _fold_families(p, [s.name for s in steps.values()], rows, {2: {}, 3: {}},
+                                            args.expand, blank=(4, 5))
+        _print_table(rows, header)
         print()
-        for n in notes:
-            print(f"note: {n}")
+        for line in family_lines + [f"note: {n}" for n in notes]:
+            print(line)
     return 0
 
 
@@ -290,12 +464,35 @@ def cmd_show(args) -> int:
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
+    from weightflow.dsl.present import show
+    from weightflow.dsl.present.table import fmt_seconds
+
     m = entry.manifest
     print(f"step      {args.step} ({m.get('op')} v{m.get('op_version')}) -> {m.get('kind')}")
     print(f"key       {entry.key}\ndigest    {entry.digest}\npath      {entry.path}")
-    print(f"created   {m.get('created')} in {m.get('seconds')}s")
+    print(f"created   {m.get('created')}, ran {fmt_seconds(m.get('seconds'))}")
     print(f"versions  {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}")
-    summ = doc["summary"]
+    _print_weights(p, entry, lock, doc["summary"], args.tensors)
+    if entry.kind == "Report":
+        _print_report(p, store, args.step)
+    init = (m.get("info") or {}).get("initialised")
+    if isinstance(init, dict):
+        tensors = init.get("tensors")
+        what = "all tensors" if tensors == "all" else ", ".join(map(str, tensors or []))
+        print(f"initialised {what} (seed {init.get('seed')})")
+    if (m.get("info") or {}).get("dropped"):
+        print(f"dropped   {', '.join(map(str, m['info']['dropped']))}")
+    for line in show.info_lines(m.get("info") or {}):
+        print(line)
+    print("lineage")
+    _print_lineage(doc["lineage"])
+    return 0
+
+
+def _print_weights(p, entry, lock, summ: dict, tensors: bool) -> None:
+    """`show`'s lines about stored tensors: size, sparsity (per layer for a model), a delta's base."""
+    from weightflow.dsl.present import show
+
     meta = summ.get("metadata") or {}
     if "parameters" in summ:
         stored, dense = summ["stored_bytes"], summ["dense_bytes"]
@@ -304,23 +501,24 @@ def cmd_show(args) -> int:
               + (f" ({100 * stored / dense:.1f}% of dense)" if dense and stored != dense else ""))
         if summ.get("sparsity") is not None:
             print(f"sparsity  {100 * summ['sparsity']:.2f}% zeros overall")
+    if entry.kind == "Model" and summ.get("per_tensor"):
+        for line in show.sparsity_lines(summ["per_tensor"]):
+            print(line)
     if meta.get("base"):
         names = {st.digest: n for n, st in lock.items() if n in p.steps}
         print(f"base      {meta['base']}" + (f" (step '{names[meta['base']]}')" if meta["base"] in names else ""))
-    if summ.get("per_tensor") and (entry.kind == "Delta" or args.tensors):
+    if summ.get("per_tensor") and (entry.kind == "Delta" or tensors):
         _print_tensors(summ["per_tensor"], meta)
-    init = (m.get("info") or {}).get("initialised")
-    if isinstance(init, dict):
-        tensors = init.get("tensors")
-        what = "all tensors" if tensors == "all" else ", ".join(map(str, tensors or []))
-        print(f"initialised {what} (seed {init.get('seed')})")
-    if (m.get("info") or {}).get("dropped"):
-        print(f"dropped   {', '.join(map(str, m['info']['dropped']))}")
-    if m.get("info"):
-        print(f"info      {json.dumps(m['info'])[:500]}")
-    print("lineage")
-    _print_lineage(doc["lineage"])
-    return 0
+
+
+def _print_report(p, store, step: str) -> None:
+    """`show`'s view of a Report: the report's wide table, models named as the pipeline now names them."""
+    from weightflow.dsl.present import table
+    from weightflow.dsl.present.report import collect
+
+    (doc,) = collect(p, store, warn=_view_warn, only=[step])
+    if doc["report"] is not None:
+        print(table.text(table.build(doc), title="report"))
 
 
 def _print_tensors(per_tensor: list[dict], meta: dict) -> None:
@@ -347,12 +545,13 @@ def _print_lineage(node: dict, indent: str = "  ") -> None:
 
 
 def cmd_export(args) -> int:
-    from weightflow.dsl.store.export import export_artifact, preflight_export
+    from weightflow.dsl.store.export import export_step, preflight_export, resolve_format
 
     p = _load(args.pipeline, args)
     _check_steps(p, [args.step], "step")
     store = _store(args)
     entry, _ = _entry_for(p, store, args.step, verify=False)
+    resolve_format(args.step, entry.manifest, args.format)  # a format that does not fit fails first
     where = {"store_root": store.root, "pipeline_dir": p.base_dir, "force": args.force}
     preflight_export(args.dir, **where)  # a target it may not replace fails before the re-hash
     if not store.verify(entry, deep=True if p.verify == "always" else None):
@@ -361,8 +560,10 @@ def cmd_export(args) -> int:
                               f"(object {entry.digest[:12]}) is corrupted, its content no longer "
                               f"matches its digest, and was discarded; run `weightflow run "
                               f"{p.path.name} --target {args.step}` to recompute it")
-    if export_artifact(entry.path, Path(args.dir), entry.manifest, **where):
-        print(f"exported {args.step} ({entry.digest[:12]}) -> {args.dir}")
+    if export_step(p, store, args.step, entry.path, entry.manifest, Path(args.dir), fmt=args.format,
+                   force=args.force, warn=_view_warn, log=_err):
+        print(f"exported {args.step} ({entry.digest[:12]}) -> {args.dir}"
+              + (f" as {args.format}" if args.format else ""))
     else:
         print(f"{args.dir} is up to date: it already holds {args.step} ({entry.digest[:12]}), unchanged")
     return 0
@@ -377,9 +578,17 @@ def cmd_report(args) -> int:
         print(json.dumps({"pipeline": str(p.path), "files": done["files"],
                           "reports": done["reports"]}, indent=1))
     else:
-        print(done["markdown"], end="")
+        print(done["markdown" if args.md else "text"], end="")
         _err(f"wrote {done['files']['markdown']} and {done['files']['html']}")
     return 0
+
+
+def cmd_diff(args) -> int:
+    from weightflow.dsl.present.diff import cli
+
+    out, code = cli(args, _store(args), _var_overrides(args.var), warn=_view_warn)
+    print(out, end="")
+    return code
 
 
 def cmd_gc(args) -> int:
@@ -471,11 +680,19 @@ def cmd_ops(args) -> int:
         with_reference,
     )
 
+    if getattr(args, "language", False):
+        from weightflow.dsl.lang.opdocs import language_markdown
+
+        print(language_markdown(), end="")
+        return 0
     if args.write:
         target = Path(args.write)
         try:
             old = target.read_text(encoding="utf-8")
             new = with_reference(old)
+            from weightflow.dsl.lang.opdocs import with_language
+
+            new = with_language(new)  # "The pipeline file" section too, where it has markers
         except (OSError, ValueError) as exc:
             print(f"error: {target}: {exc}", file=sys.stderr)
             return 2
@@ -505,6 +722,23 @@ def _version() -> str:
     return __version__
 
 
+def _diff_args(sp) -> None:
+    """`weightflow diff`'s arguments (its forms and the git driver: see ``present/diff.py``)."""
+    from weightflow.dsl.present.diff import HELP
+
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.description = HELP
+    sp.add_argument("sides", nargs="*", metavar="SIDE",
+                    help="P | REV P | REV1 REV2 P | OLD NEW (files, /dev/null or REV:PATH); see above")
+    sp.add_argument("--var", action="append", metavar="NAME=VALUE",
+                    help="override a pipeline variable on both sides (repeatable; VALUE is YAML)")
+    sp.add_argument("--md", action="store_true", help="Markdown (for a pull-request comment)")
+    sp.add_argument("--expand", action="store_true", help="list every member of a sweep family")
+    sp.add_argument("--exit-code", action="store_true", help="exit 1 when something would run")
+    sp.add_argument("--git-driver", action="store_true",
+                    help="called by git as diff.<driver>.command with its 7 arguments")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="weightflow", description="Declarative model surgery.")
     ap.add_argument("--version", action="version", version=f"weightflow {_version()}")
@@ -528,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("plan", cmd_plan, "show which steps are cached and which would run, and why", cache=True)
     sp.add_argument("--target", action="append", default=[], metavar="STEP")
     sp.add_argument("--force", action="append", default=[], metavar="STEP")
+    _expand_arg(sp)
+    _reproducible_arg(sp, "plan as `run --reproducible` would run: ")
+    _place_args(sp)
     sp = add("run", cmd_run, "run the steps the targets need; reuse cached ones", cache=True)
     sp.add_argument("--target", action="append", default=[], metavar="STEP",
                     help="run only what STEP needs (repeatable; default: every step)")
@@ -542,20 +779,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--relock", action="store_true",
                     help="ignore the existing lock file (even an unreadable one) and write a fresh one "
                     "from this run")
-    sp.add_argument("--reproducible", choices=["platform", "strict"], default=None,
-                    help="override the pipeline's 'reproducible' key: strict pins CPU kernels, MKL's path "
-                    "and the thread count so bytes do not depend on the machine (slower); platform lets "
-                    "torch choose (digests hold for this platform, which the lock file records)")
+    _reproducible_arg(sp, "")
     sp.add_argument("--allow-platform-drift", action="store_true",
                     help="with --frozen: accept a step whose bytes differ from the lock only because the "
                     "lock was made on another platform (warns instead of failing)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _place_args(sp)
     sp = add("dag", cmd_dag, "print the step graph", json_=False)
+    _expand_arg(sp)
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--mermaid", action="store_true")
     g.add_argument("--dot", action="store_true")
     sp = add("status", cmd_status, "compare the pipeline with its lock file and the store (reads "
              "only; `plan` recomputes keys)", cache=True)
+    _expand_arg(sp)
+    _reproducible_arg(sp, "say where locked digests may differ for a run in this mode: ")
+    _place_args(sp)
     sp.description = (
         "Say, for each step, whether the lock file names it and whether the store holds the "
         "lock's entry.  Reads the lock file and the store only: no input is fingerprinted and "
@@ -567,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
              "names)", cache=True)
     sp.add_argument("step")
     sp.add_argument("--tensors", action="store_true", help="per-tensor table for models too")
+    _place_args(sp)
     sp = add("export", cmd_export, "write a step's output as a normal model directory", cache=True,
              json_=False)
     sp.add_argument("step")
@@ -574,10 +814,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true",
                     help="replace DIR even if its files were changed since weightflow exported it "
                     "(a directory weightflow did not write is never replaced)")
-    sp = add("report", cmd_report, "render every evaluate report of a pipeline as Markdown and HTML "
-             "(bar charts)", cache=True)
+    sp.add_argument("--format", choices=["dense", "bitmask", "peft"], default=None,
+                    help="dense (default): plain safetensors with the model's tensor names (a Delta's "
+                    "sparse tensors written out in full); bitmask: a Delta in weightflow's compact mask + "
+                    "values encoding, as stored; peft: a LoRA-trained model as a PEFT adapter directory "
+                    "(adapter_config.json, adapter_model.safetensors).  Every model or delta a step made "
+                    "gets a model card README.md (lineage, recipe, scores)")
+    sp = add("report", cmd_report, "render every evaluate report of a pipeline as one table per report "
+             "(terminal), Markdown and HTML (DAG, bar charts, sweep curves and heat maps)", cache=True)
     sp.add_argument("--out", metavar="DIR", help="where to write PIPELINE.report.md and "
                     ".report.html (default: beside the pipeline)")
+    sp.add_argument("--md", action="store_true", help="print the Markdown (for a PR comment) instead of "
+                    "the terminal table")
+    sp = add("diff", cmd_diff, "what a change to a pipeline does: steps changed, invalidated and to "
+             "run, their recorded times, metrics side by side", pipeline=False, cache=True)
+    _diff_args(sp)
     sp = add("gc", cmd_gc, "remove store entries unused for --older-than days that no given lock "
              "file names", pipeline=False, cache=True)
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -619,6 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
              pipeline=False)
     sp.add_argument("name", nargs="?", metavar="OP", help="only this op, with its whole documentation")
     sp.add_argument("--markdown", action="store_true", help="the op reference as Markdown")
+    sp.add_argument("--language", action="store_true", help="the README's \"The pipeline file\" section "
+                    "(example, top-level keys, lora and calibration sub-keys) as Markdown")
     sp.add_argument("--write", metavar="FILE", help="with --markdown: replace the generated block of "
                     "FILE (e.g. README.md) with the current reference")
     return ap

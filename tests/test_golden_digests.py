@@ -1,9 +1,12 @@
-"""Every op and method on tiny models gives the recorded output digests.
+"""Every op and method on tiny models gives the recorded output digests, on any x86-64 CPU.
 
 ``tests/golden/digests.json`` was recorded before the code was reorganised into rooms and
 registries (issue 11); a change that must not alter behaviour has to leave every digest
-as recorded.  An intended change of an op's output bumps the op's version and is listed
-in CHANGELOG.md, and then the digest here is re-recorded with::
+as recorded.  The pipeline runs in strict reproducibility mode, in a subprocess that builds
+its own random input models (tests/test_reproducibility.py's child), so the recorded bytes
+hold on every x86-64 CPU and thread count, not only on the machine that recorded them.
+An intended change of an op's output bumps the op's version and is listed in CHANGELOG.md,
+and then the digest here is re-recorded with::
 
     python tests/golden/record.py > tests/golden/digests.json
 """
@@ -15,20 +18,16 @@ import sys
 from pathlib import Path
 
 GOLDEN = Path(__file__).parent / "golden"
-sys.path.insert(0, str(GOLDEN))
+sys.path.insert(0, str(Path(__file__).parent))
 
-from pipeline import PIPELINE, build_inputs  # noqa: E402
+from test_reproducibility import run_in  # noqa: E402
 
 
 def run_golden(root: Path) -> dict[str, str]:
-    from weightflow.dsl.engine.runner import Runner
-    from weightflow.dsl.lang.pipeline import load_pipeline
-    from weightflow.dsl.store.content import Store
-
-    build_inputs(root)
-    (root / "golden.yaml").write_text(PIPELINE)
-    outcome = Runner(load_pipeline(root / "golden.yaml"), Store(root / "cache"), log=lambda m: None).run()
-    return {s.name: s.digest for s in outcome.steps}
+    """Every golden step's digest, computed in strict mode in a fresh subprocess."""
+    result = run_in({}, "strict", root)
+    assert result["platform"] == "cpu-strict"
+    return result["digests"]
 
 
 def test_every_step_keeps_its_recorded_digest(tmp_path):

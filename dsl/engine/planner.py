@@ -28,15 +28,28 @@ class StepStatus:
     digest: str | None = None
     reason: str = ""
     seconds: float | None = None
+    # why its digest, recomputed here, may legitimately differ from the lock's ("": it should not)
+    drift: str = ""
 
     def as_json(self) -> dict:
         out: dict[str, object] = {"name": self.name, "op": self.op, "status": self.status, "key": self.key,
                "digest": self.digest}
         if self.reason:
             out["reason"] = self.reason
+        if self.drift:
+            out["drift"] = self.drift
         if self.seconds is not None:
             out["seconds"] = round(self.seconds, 3)
         return out
+
+
+#: The platform class of strict-mode CPU results (engine/repro.py says why it holds).
+STRICT_CLASS = "cpu-strict"
+
+
+def step_device(step) -> str:
+    """The device a step's op runs on (``cpu`` unless its params say ``device: cuda``)."""
+    return str(getattr(step.params, "device", None) or "cpu")
 
 
 @dataclass
@@ -46,6 +59,9 @@ class FingerprintEnv:
     store: Store
     base_dir: Path
     deep: bool = False  # re-hash files instead of trusting the memo (``verify: always``)
+    # the whole pipeline, for preflight checks that compare a step with its inputs'
+    # ancestors (extract-delta: base and model loaded with the same head)
+    pipeline: Pipeline | None = None
 
     def file_digest(self, path) -> str:
         if self.deep:
@@ -73,10 +89,13 @@ def _fingerprint(pipeline: Pipeline, step, env: FingerprintEnv) -> dict | None:
 class Planner:
     """Computes keys in topological order, consulting the store for digests."""
 
-    def __init__(self, pipeline: Pipeline, store: Store, deep: bool | None = None):
+    def __init__(self, pipeline: Pipeline, store: Store, deep: bool | None = None,
+                 mode: str | None = None):
         self.p = pipeline
         self.store = store
-        self.env = FingerprintEnv(store, pipeline.base_dir)
+        # the reproducibility mode of this run: strict runs reuse only strict entries
+        self.mode = mode or getattr(pipeline, "reproducible", None) or "platform"
+        self.env = FingerprintEnv(store, pipeline.base_dir, pipeline=pipeline)
         self._external: dict[str, dict | None] = {}
         # ``verify: always`` (or WEIGHTFLOW_VERIFY=always): every cache hit, op input and
         # source file is re-hashed instead of trusting the memo's (size, mtime, inode).
@@ -131,9 +150,32 @@ class Planner:
         step = self.p.steps[name]
         return key_material(step, digests, self.env.file_digest, self._external.get(name))
 
-    def cached(self, key: str, warn: Callable[[str], None]) -> Entry | None:
+    def not_reusable(self, name: str, entry: Entry) -> str | None:
+        """Why a cached entry cannot serve this run, or None when it can.
+
+        The key says *what* was computed; the entry's recorded platform says which bytes
+        came out.  A strict run on CPU promises bytes that hold on every CPU, so an entry a
+        platform-mode run made (or one made before platforms were recorded) is recomputed,
+        and the strict result replaces it in the store.  Any entry serves a platform-mode
+        run: it is a valid result of the recipe, and the lock file records where it was made.
+        """
+        if self.mode != "strict" or step_device(self.p.steps[name]) != "cpu":
+            return None
+        made_on = entry.manifest.get("platform")
+        if made_on == STRICT_CLASS:
+            return None
+        return (f"cached in platform mode ({made_on or 'platform not recorded'}); "
+                "reproducible: strict recomputes it")
+
+    def cached(self, key: str, warn: Callable[[str], None], name: str | None = None) -> Entry | None:
+        """The entry that serves ``key`` in this run (verified), or None: a miss.
+
+        With ``name``, an entry that another reproducibility mode made and this run may not
+        use (:meth:`not_reusable`) is a miss too."""
         entry = self.store.lookup(key, warn=warn)
         if entry is None:
+            return None
+        if name is not None and self.not_reusable(name, entry):
             return None
         if not self.store.verify(entry, deep=self.deep):
             warn(f"cache entry {key[:12]} (object {entry.digest[:12]}) is corrupted: "
@@ -143,10 +185,54 @@ class Planner:
         return entry
 
 
+def installed_versions() -> dict[str, str]:
+    """The installed versions of the libraries a lock entry records (no import of them)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in lockfile.VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def drift_note(step, locked: lockfile.LockEntry | None, mode: str,
+               versions: dict[str, str] | None = None) -> str:
+    """Why a digest recomputed here may legitimately differ from the locked one ("" when it
+    should not): the lock's platform class is not this machine's, or the libraries differ.
+    Reads /proc/cpuinfo and package metadata only (no torch)."""
+    if locked is None or not locked.platform:
+        return ""
+    from weightflow.dsl.engine import repro
+
+    causes = []
+    device = step_device(step)
+    if device == "cuda":
+        if locked.platform.startswith("cuda"):
+            causes.append(f"locked on '{locked.platform}': CUDA bytes hold for one GPU model and torch")
+        else:
+            causes.append(f"locked on '{locked.platform}', here on CUDA")
+    else:
+        here = repro.platform_class(mode, device)
+        if here != locked.platform:
+            causes.append(f"locked on '{locked.platform}', here '{here}'")
+    libs = lockfile.version_changes(locked.versions, installed_versions() if versions is None else versions)
+    if libs:
+        causes.append("libraries " + ", ".join(libs))
+    return "; ".join(causes)
+
+
 def plan(pipeline: Pipeline, store: Store, targets: Iterable[str] = (), force: Iterable[str] = (),
-         warn: Callable[[str], None] = lambda m: None) -> list[StepStatus]:
-    """What ``run`` would do, without running anything."""
-    planner = Planner(pipeline, store)
+         warn: Callable[[str], None] = lambda m: None, mode: str | None = None) -> list[StepStatus]:
+    """What ``run`` would do, without running anything.
+
+    Each needed step's ``drift`` says why its digest, if recomputed here, may differ from the
+    locked one (another platform class, other library versions); ``mode`` overrides the
+    pipeline's ``reproducible``."""
+    planner = Planner(pipeline, store, mode=mode)
+    versions = installed_versions()
     lock = lockfile.read(pipeline.lock_path)
     need = graph.needed(pipeline, list(targets))
     force = set(force)
@@ -164,24 +250,30 @@ def plan(pipeline: Pipeline, store: Store, targets: Iterable[str] = (), force: I
         if waiting:
             pending[name] = waiting[0]
             out.append(StepStatus(name, step.op.name, "pending", None, None,
-                                  f"input '{waiting[0]}' will run first"))
+                                  f"input '{waiting[0]}' will run first",
+                                  drift=drift_note(step, lock.get(name), planner.mode, versions)))
             continue
         key = planner.key_of(name, digests)
         entry = planner.cached(key, warn)
+        unusable = planner.not_reusable(name, entry) if entry is not None else None
         if name in force:
             pending[name] = name
             out.append(StepStatus(name, step.op.name, "pending", key, None, "forced"))
-        elif entry is not None:
+        elif entry is not None and not unusable:
             digests[name] = entry.digest
             out.append(StepStatus(name, step.op.name, "cached", key, entry.digest))
         else:
             pending[name] = name
             old = lock.get(name)
-            if old is None:
+            if unusable:
+                reason = unusable
+            elif old is None:
                 reason = "new step (not in the lock file)"
             elif old.key != key:
                 reason = "recipe or inputs changed since the lock file"
             else:
                 reason = "not in the cache"
             out.append(StepStatus(name, step.op.name, "pending", key, None, reason))
+        if out[-1].status == "pending":
+            out[-1].drift = drift_note(step, lock.get(name), planner.mode, versions)
     return out

@@ -40,7 +40,7 @@ from weightflow.dsl.lang.pipeline import Pipeline, Step
 from weightflow.dsl.lang.spec import step_dtype, step_seed
 from weightflow.dsl.store import lockfile
 from weightflow.dsl.store.content import Store, write_atomic
-from weightflow.dsl.store.export import _absolute, disk_full_error, export_artifact, preflight_export
+from weightflow.dsl.store.export import _absolute, disk_full_error, export_step, preflight_export
 
 
 class FrozenMismatch(WeightflowError):
@@ -57,7 +57,7 @@ class Outcome:
 
 def _versions() -> dict:
     out = {"python": platform.python_version()}
-    for dist in ("weightflow", "torch", "transformers", "safetensors", "peft"):
+    for dist in ("weightflow", "torch", "transformers", "tokenizers", "safetensors", "peft"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     return out
@@ -91,7 +91,7 @@ class Runner:
         self.export = export
         self.force_export = force_export  # replace outputs changed since weightflow wrote them
         self.relock = relock  # ignore the existing lock file (even an unreadable one), rewrite it
-        self.planner = Planner(pipeline, store)
+        self.planner = Planner(pipeline, store, mode=self.mode)
 
     def warn(self, message: str) -> None:
         self.log(f"warning: {message}")
@@ -112,18 +112,23 @@ class Runner:
             if old is None:
                 problems.append(f"step '{name}' is not in the lock file")
                 continue
-            if any(e.source not in digests for e in self.p.steps[name].inputs):
-                problems.append(f"step '{name}': an input is not locked")
+            unsettled = [e.source for e in self.p.steps[name].inputs if e.source not in digests]
+            if unsettled:  # an upstream problem is listed above; say which one this follows from
+                src = unsettled[0]
+                why = "is not in the lock file" if src not in lock else "would change (see above)"
+                problems.append(f"step '{name}' would change too: its input '{src}' {why}")
                 continue
             key = self.planner.key_of(name, digests)
             if key != old.key or self.p.steps[name].op.name != old.op:
-                problems.append(f"step '{name}' would change (key {old.key[:12]} -> {key[:12]})")
+                problems.append(f"step '{name}' would change (key {old.key[:12]} -> {key[:12]})"
+                                + self._what_changed(name, old, digests))
                 continue
             entry = self.store.lookup(key)
             digests[name] = entry.digest if entry else old.digest
             if entry and entry.digest != old.digest:
                 try:
-                    self._digest_differs(name, old, entry.digest, entry.manifest.get("platform"))
+                    self._digest_differs(name, old, entry.digest, entry.manifest.get("platform"),
+                                         lockfile.lock_versions(entry.manifest.get("versions")))
                 except FrozenMismatch as exc:
                     problems.append(str(exc).removeprefix("--frozen: "))
         stale = sorted(set(lock) - set(self.p.steps))
@@ -133,12 +138,39 @@ class Runner:
                 f"--frozen: the lock file {self.p.lock_path.name} would change; nothing was run:\n  "
                 + "\n  ".join(problems))
 
-    def _digest_differs(self, name: str, old: lockfile.LockEntry, digest: str, made_on: str | None) -> None:
-        """Same recipe, other bytes: platform drift when the environment class differs, else
-        the op is not reproducible."""
-        if old.platform and made_on and old.platform != made_on:
-            msg = (f"step '{name}' gave {digest[:12]} on '{made_on}' but the lock records {old.digest[:12]} "
-                   f"made on '{old.platform}': same recipe, another platform")
+    def _what_changed(self, name: str, old: lockfile.LockEntry, digests: dict[str, str]) -> str:
+        """': ' + what differs between the recipe the lock's entry was made from (its
+        manifest's ``recipe``) and today's: which parameter, input or file, locked vs now."""
+        from weightflow.dsl.engine.recipe_diff import describe_changes
+
+        step = self.p.steps[name]
+        if step.op.name != old.op:
+            return f": the lock records op '{old.op}', the pipeline names op '{step.op.name}'"
+        entry = self.store.lookup(old.key)
+        recipe = entry.manifest.get("recipe") if entry else None
+        if not isinstance(recipe, dict):
+            return (f": the store no longer holds the locked entry {old.key[:12]}, so its recipe cannot be "
+                    "compared; a parameter, a data file or an external input changed")
+        inputs = {tuple(e.field): e.source for e in step.inputs}
+        files = {tuple(path): str(f) for path, f in step.data_files.items()}
+        changes = describe_changes(recipe, self.planner.material_of(name, digests), inputs, files)
+        return (": " + "; ".join(changes)) if changes else ""
+
+    def _digest_differs(self, name: str, old: lockfile.LockEntry, digest: str, made_on: str | None,
+                        versions: dict[str, str] | None = None) -> None:
+        """Same recipe, other bytes.  Drift when the environment class or the libraries
+        differ (either may legitimately change bytes): an error under ``--frozen`` unless
+        ``--allow-platform-drift``.  Same class and libraries: the op is not reproducible."""
+        other_platform = bool(old.platform and made_on and old.platform != made_on)
+        libs = lockfile.version_changes(old.versions, versions)
+        if other_platform or libs:
+            causes = []
+            if other_platform:
+                causes.append(f"another platform ('{made_on}'; the lock's was made on '{old.platform}')")
+            if libs:
+                causes.append(f"other library versions ({', '.join(libs)})")
+            msg = (f"step '{name}' gave {digest[:12]} but the lock records {old.digest[:12]}: same recipe, "
+                   + " and ".join(causes))
             if not self.allow_platform_drift:
                 raise FrozenMismatch(f"--frozen: {msg}; pass --allow-platform-drift to accept it, or use "
                                      "reproducible: strict for bytes that hold on every CPU")
@@ -147,6 +179,12 @@ class Runner:
         raise FrozenMismatch(f"--frozen: step '{name}' produced {digest[:12]} but the lock file records "
                              f"{old.digest[:12]} on the same platform ({made_on or 'unrecorded'}): the step "
                              "is not reproducible")
+
+    def _say_why_not_reused(self, name: str, key: str, position: str) -> None:
+        """Log why a step whose key the store holds runs anyway (another mode's bytes)."""
+        held = self.store.lookup(key, touch=False)
+        if held is not None and (why := self.planner.not_reusable(name, held)):
+            self.log(f"{position} {name} ({self.p.steps[name].op.name}): {why}")
 
     def _configure_torch(self, device: str) -> None:
         """Before the first op runs: the reproducibility settings (engine/repro.py)."""
@@ -198,15 +236,17 @@ class Runner:
                                            old.digest if old else None, "not needed by the targets"))
                 continue
             key = self.planner.key_of(name, digests)
-            entry = None if name in self.force else self.planner.cached(key, self.warn)
+            entry = None if name in self.force else self.planner.cached(key, self.warn, name)
             position = f"[{todo.index(name) + 1}/{len(todo)}]"
+            if entry is None and name not in self.force:
+                self._say_why_not_reused(name, key, position)
             if entry is not None:
                 status = StepStatus(name, step.op.name, "cached", key, entry.digest)
                 self.log(f"{position} {name} ({step.op.name}): cached {entry.digest[:12]}")
             else:
                 self.log(f"{position} {name} ({step.op.name}): running")
                 with self.store.claim(key):
-                    entry = None if name in self.force else self.planner.cached(key, self.warn)
+                    entry = None if name in self.force else self.planner.cached(key, self.warn, name)
                     if entry is None:
                         entry, seconds = self._execute(name, key, digests, live, names)
                         status = StepStatus(name, step.op.name, "executed", key, entry.digest,
@@ -217,12 +257,14 @@ class Runner:
                         status = StepStatus(name, step.op.name, "cached", key, entry.digest,
                                             reason="computed by a concurrent run")
             made_on = entry.manifest.get("platform") or (lock[name].platform if name in lock else None)
+            versions = lockfile.lock_versions(entry.manifest.get("versions"))
             if self.frozen and lock.get(name) and lock[name].digest != entry.digest:
-                self._digest_differs(name, lock[name], entry.digest, made_on)
+                self._digest_differs(name, lock[name], entry.digest, made_on, versions)
             digests[name] = entry.digest
             names.setdefault(entry.digest, name)
             live[name] = Artifact(kind=step.op.output, digest=entry.digest, path=entry.path, step=name)
-            new_lock[name] = lockfile.LockEntry(step.op.name, key, entry.digest, made_on)
+            new_lock[name] = _lock_entry(lock.get(name), lockfile.LockEntry(step.op.name, key, entry.digest,
+                                                                             made_on, versions))
             statuses.append(status)
             _release_consumed(name, step, last_use, live)
         changed = lockfile.write(p.lock_path, p.path.name, new_lock)
@@ -239,10 +281,10 @@ class Runner:
             if name in digests:
                 entry = self.store.lookup(new_lock[name].key)
                 try:
-                    wrote = export_artifact(self.store.object_path(digests[name]), target,
-                                            entry.manifest if entry else None,
-                                            store_root=self.store.root, pipeline_dir=p.base_dir,
-                                            force=self.force_export, force_flag="--force-export")
+                    # the default format and the model card, as `weightflow export` writes them
+                    wrote = export_step(p, self.store, name, self.store.object_path(digests[name]),
+                                        entry.manifest if entry else None, target,
+                                        force=self.force_export, force_flag="--force-export", warn=self.warn)
                 except WeightflowError as exc:
                     raise PipelineError([self._output_diagnostic(name, str(exc))]) from None
                 if wrote:
@@ -312,7 +354,8 @@ class Runner:
             ctx = RunContext(step=name, out=out, seed=step_seed(step.params, self.p.seed),
                              dtype=step_dtype(step.params, self.p.dtype),
                              pipeline_dir=self.p.base_dir, names=names, shard_bytes=self.shard_bytes,
-                             show_progress=self.show_progress, warn=self.warn, log=self.log)
+                             show_progress=self.show_progress, warn=self.warn, log=self.log,
+                             store=self.store, platform=_platform(self.mode, device), fresh=name in self.force)
             try:
                 meta = step.op.run(inputs, step.params, ctx) or {}
                 for w in ctx.writers:
@@ -370,6 +413,20 @@ class Runner:
             if rel not in written:
                 tensors.extend(digest_safetensors(f))
         return artifact_digest(tensors, side_file_digests(out))
+
+
+def _lock_entry(old: lockfile.LockEntry | None, new: lockfile.LockEntry) -> lockfile.LockEntry:
+    """The lock entry to write: the locked one when this run reproduced its op, key and digest
+    and it records where and with what it was made (still true: those bytes came from
+    there), so a fresh clone on another machine or with newer libraries that reproduces the
+    digests leaves the committed lock file unchanged; else the new one."""
+    if old is None or (old.op, old.key, old.digest) != (new.op, new.key, new.digest):
+        return new
+    if not (old.platform and old.versions):
+        return new  # a lock written before these were recorded: fill them in
+    if new.platform == lockfile.STRICT_PLATFORM and old.platform != lockfile.STRICT_PLATFORM:
+        return new  # reproduced in strict mode: the stronger statement
+    return old
 
 
 def _platform(mode: str, device: str) -> str:

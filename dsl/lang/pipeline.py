@@ -8,10 +8,12 @@ line, column and step.  The result is plain data; nothing downstream re-reads YA
 from __future__ import annotations
 
 import difflib
+import itertools
+import math
 import os
 import re
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,14 @@ _VAR_ANY = re.compile(r"\$\{([^}]*)\}")
 # Params that, when an op declares them and the step leaves them out, take the
 # pipeline-level default; filled before hashing so the key sees the effective value.
 PIPELINE_DEFAULTS = ("seed", "dtype")
+# A step with one of these keys is a family (a sweep): one member step per combination.
+FAMILY_KEYS = ("matrix", "foreach")
+# More members than this is a typo in a list (or a combinatorial explosion), not a sweep.
+MAX_FAMILY_MEMBERS = 1000
+_MATRIX_WHOLE = re.compile(r"^\$\{\s*matrix\.([^}\s]*)\s*\}$")
+# Characters a string matrix value may not hold: they delimit the member's name
+# ('merged@k=v,k2=v2'), mark the whole family ('@*') or start an interpolation.
+_MEMBER_VALUE_FORBIDDEN = re.compile(r"[,=@*\s{}\[\]$]")
 
 
 @dataclass(frozen=True)
@@ -70,9 +80,60 @@ class Step:
     col: int
     inputs: list[Edge] = field(default_factory=list)
     data_files: dict[tuple, Path] = field(default_factory=dict)
+    # For a member of a family (a step with ``matrix:``/``foreach:``): the family's name
+    # and this member's values, in the order written.  Neither enters the key: the values
+    # are in ``params`` already, and names never do.
+    family: str | None = None
+    matrix: dict[str, Any] = field(default_factory=dict)
 
     def params_json(self) -> dict:
         return self.params.model_dump(mode="json", by_alias=True)
+
+
+@dataclass(frozen=True)
+class FamilyMember:
+    """One step of a family: its name (``merged@lambda=0.5,density=0.2``) and the values
+    of the family's matrix (or foreach entry) it was made with, in the order written."""
+
+    name: str
+    values: dict[str, Any]
+
+
+def format_member_value(value: Any) -> str:
+    """A matrix value as it appears in a member's name: stable across runs and machines.
+
+    Integers as integers (``3``), floats in Python's shortest round-tripping form
+    (``0.5``, ``1.0``, ``1e-05``), booleans and null as YAML writes them (``true``,
+    ``null``), strings as they are.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def member_name(family: str, values: dict[str, Any]) -> str:
+    """``family@k=v,k2=v2`` with the keys in the order given (see format_member_value)."""
+    return f"{family}@" + ",".join(f"{k}={format_member_value(v)}" for k, v in values.items())
+
+
+def parse_member_name(name: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(family, [(key, value as written in the name), ...]) of a member name, or None for a
+    name that is not one (no ``@``).  The values stay text: the name does not say whether
+    ``1`` was an int or a string; ``Pipeline.families`` has the typed values."""
+    family, sep, rest = name.partition("@")
+    if not sep or not family or not rest:
+        return None
+    pairs = []
+    for part in rest.split(","):
+        key, eq, value = part.partition("=")
+        if not eq:
+            return None
+        pairs.append((key, value))
+    return family, pairs
 
 
 @dataclass
@@ -90,6 +151,25 @@ class Pipeline:
     warnings: list[Diagnostic] = field(default_factory=list)
     verify: str = "changed"  # or "always": see VERIFY_MODES
     reproducible: str = "platform"  # or "strict": see REPRODUCIBLE_MODES
+    # Where the lock file is read and written when not beside the pipeline (the CLI's
+    # --out / --lock, so a library recipe runs without writing into the checkout), and
+    # the outputs written as relative paths (as written), which --out DIR re-roots.
+    lock_file: Path | None = None
+    relative_outputs: dict[str, Path] = field(default_factory=dict)
+    # family name -> its members in order (matrix: the cartesian product, last key varying
+    # fastest; foreach: the entries' order).  Members are ordinary entries of ``steps``.
+    families: dict[str, list[FamilyMember]] = field(default_factory=dict)
+
+    def expand_names(self, names: list[str]) -> list[str]:
+        """``names`` with each ``FAMILY@*`` replaced by the family's members, in order."""
+        out: list[str] = []
+        for n in names:
+            base = n[:-2] if n.endswith("@*") else None
+            if base is not None and base in self.families:
+                out.extend(m.name for m in self.families[base])
+            else:
+                out.append(n)
+        return out
 
     def diagnostic(self, step: str, message: str, path: tuple = ()) -> Diagnostic:
         """A diagnostic at ``path`` inside step ``step`` (for problems found after parsing)."""
@@ -98,8 +178,9 @@ class Pipeline:
 
     @property
     def lock_path(self) -> Path:
-        """``<pipeline>.lock`` beside the pipeline file (``merge.yaml`` -> ``merge.lock``)."""
-        return self.path.with_suffix(".lock")
+        """``<pipeline>.lock`` beside the pipeline file (``merge.yaml`` -> ``merge.lock``),
+        unless ``lock_file`` puts it elsewhere (``run --out DIR`` / ``--lock FILE``)."""
+        return self.lock_file or self.path.with_suffix(".lock")
 
     @property
     def base_dir(self) -> Path:
@@ -161,21 +242,38 @@ def _short_list(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _interpolate(value: Any, path: tuple, vars_: dict, col: _Collector, step: str | None):
-    """Replace ``${vars.NAME}``; a whole-value reference keeps the variable's type."""
+def _not_a_var(expr: str, matrix_ok: bool) -> str:
+    """Why ``${expr}`` (not a ``vars.`` reference) cannot be interpolated; '' for a
+    ``${matrix.NAME}`` in a family, which its members fill in."""
+    if expr.startswith("matrix."):
+        return "" if matrix_ok else (f"cannot interpolate '${{{expr}}}': ${{matrix.NAME}} is only "
+                                     "available in a step with 'matrix:' or 'foreach:' (a family)")
+    return (f"cannot interpolate '${{{expr}}}': only ${{vars.NAME}} is supported "
+            "(and ${matrix.NAME} in a step with 'matrix:' or 'foreach:')")
+
+
+def _interpolate(value: Any, path: tuple, vars_: dict, col: _Collector, step: str | None,
+                 matrix_ok: bool = False):
+    """Replace ``${vars.NAME}``; a whole-value reference keeps the variable's type.
+
+    ``matrix_ok``: the step is a family, so its ``${matrix.NAME}`` are left in place for
+    ``_substitute_matrix`` (each member fills in its own values); elsewhere they are errors.
+    """
     if isinstance(value, dict):
-        return {k: _interpolate(v, path + (k,), vars_, col, step) for k, v in value.items()}
+        return {k: _interpolate(v, path + (k,), vars_, col, step, matrix_ok) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, path + (i,), vars_, col, step) for i, v in enumerate(value)]
+        return [_interpolate(v, path + (i,), vars_, col, step, matrix_ok) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
 
     def lookup(expr: str):
         expr = expr.strip()
         if not expr.startswith("vars."):
-            col.failed.add(path)
-            col.at_value(path, f"cannot interpolate '${{{expr}}}': only ${{vars.NAME}} is supported", step)
-            return None, False
+            problem = _not_a_var(expr, matrix_ok)
+            if problem:
+                col.failed.add(path)
+                col.at_value(path, problem, step)
+            return None, False  # a ${matrix.NAME} of a family stays, for its members to fill in
         name = expr[len("vars."):]
         if name not in vars_:
             col.failed.add(path)
@@ -202,6 +300,282 @@ def _interpolate(value: Any, path: tuple, vars_: dict, col: _Collector, step: st
         except ValueError:  # a huge int; reported under 'vars'
             return m.group(0)
     return _VAR_ANY.sub(repl, value)
+
+
+def _is_member_value(value: Any) -> bool:
+    """Whether ``value`` can be a matrix value: a scalar that reads back from the name."""
+    if isinstance(value, str):
+        return bool(value) and not _MEMBER_VALUE_FORBIDDEN.search(value)
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def _member_value_problem(value: Any) -> str:
+    if isinstance(value, str):
+        return (f"a string matrix value must be non-empty and hold no ',', '=', '@', '*', '$', "
+                f"brackets or spaces (it becomes part of the member's name), got {_short(value)}")
+    if isinstance(value, float):
+        return f"a matrix value must be a finite number, got {value!r}"
+    return (f"a matrix value must be a number, a string, true/false or null, got {_short(value)} "
+            "(one list or mapping per member cannot be named; sweep a scalar instead)")
+
+
+FamilyValues = list[tuple[dict[str, Any], dict[str, tuple[tuple, tuple]]]]
+
+
+def _family_values(name: str, raw: dict, spath: tuple, col: _Collector) -> FamilyValues | None:
+    """The members' values of family step ``raw``, each with, per key, the (key path,
+    value path) in the YAML where it is written (for diagnostics); None after an error.
+
+    ``matrix: {a: [1, 2], b: [x, y]}`` is the cartesian product in the order written (the
+    last key varying fastest); ``foreach: [{a: 1, b: x}, ...]`` lists the members.
+    """
+    if all(k in raw for k in FAMILY_KEYS):
+        col.at_key(spath + ("foreach",), "a step takes either 'matrix:' (every combination) or "
+                   "'foreach:' (a list of members), not both", name)
+        return None
+    errors = len(col.items)
+    if "matrix" in raw:
+        combos = _matrix_values(name, raw, spath + ("matrix",), col)
+    else:
+        combos = _foreach_values(name, raw, spath + ("foreach",), col)
+    return None if combos is None or len(col.items) > errors else combos
+
+
+def _family_key_ok(key: Any, where: tuple, kind: str, raw: dict, name: str, col: _Collector) -> bool:
+    """Whether ``key`` of a matrix (or foreach entry) can be a varying parameter; else says why."""
+    if not isinstance(key, str) or not key:
+        hint = " (YAML reads unquoted on/off/yes/no as booleans: quote the name)" if isinstance(key, bool) else ""
+        col.at_key(where, f"{kind} keys are parameter names, got {_short(key)}{hint}", name)
+    elif _MEMBER_VALUE_FORBIDDEN.search(key) or "." in key:
+        col.at_key(where, f"{kind} key {_short(key)} cannot name a parameter: it holds characters "
+                   "member names use as separators", name)
+    elif key in FAMILY_KEYS or key == "op":
+        col.at_key(where, f"'{key}' cannot vary inside a family; write one step per {key}", name)
+    elif key in raw and key not in _matrix_variables(raw):
+        col.at_key(where, f"parameter '{key}' is set both in the step and in its {kind}; "
+                   "remove one of them", name)
+    else:
+        return True
+    return False
+
+
+def _value_ok(value: Any, where: tuple, name: str, col: _Collector) -> bool:
+    if _is_member_value(value) and not (isinstance(value, float) and not math.isfinite(value)):
+        return True
+    col.at_value(where, _member_value_problem(value), name)
+    return False
+
+
+def _matrix_values(name: str, raw: dict, kpath: tuple, col: _Collector) -> FamilyValues | None:
+    spec = raw["matrix"]
+    if not isinstance(spec, dict) or not spec:
+        got = "" if isinstance(spec, dict) else f", got {_short(spec)}"
+        col.at_value(kpath, "'matrix' must be a non-empty mapping of parameter -> list of values, "
+                     f"e.g. matrix: {{lambda: [0.5, 1.0]}}{got}", name)
+        return None
+    axes: list[tuple[str, list[tuple[Any, tuple]]]] = []
+    for key, values in spec.items():
+        if not _family_key_ok(key, kpath + (key,), "matrix", raw, name, col):
+            continue
+        if not isinstance(values, list) or not values:
+            col.at_value(kpath + (key,), f"matrix '{key}' is an empty list: a family needs at least one "
+                         "value per key" if isinstance(values, list) else
+                         f"matrix '{key}' must be a list of values, got {_short(values)} (write "
+                         f"[{_short(values)}] for a single value)", name)
+            continue
+        seen: dict[str, int] = {}
+        axis = []
+        for i, v in enumerate(values):
+            if not _value_ok(v, kpath + (key, i), name, col):
+                continue
+            text = format_member_value(v)
+            if text in seen:
+                col.at_value(kpath + (key, i), f"matrix '{key}' lists {text} twice (items {seen[text] + 1} "
+                             f"and {i + 1}): both members would be named '{name}@...{key}={text}...'", name)
+                continue
+            seen[text] = i
+            axis.append((v, (kpath + (key,), kpath + (key, i))))
+        axes.append((key, axis))
+    total = math.prod(len(axis) for _, axis in axes)
+    if total > MAX_FAMILY_MEMBERS:
+        col.at_value(kpath, f"the matrix makes {total} members; the limit is {MAX_FAMILY_MEMBERS}", name)
+        return None
+    keys = [key for key, _ in axes]
+    return [({k: v for k, (v, _) in zip(keys, picks, strict=True)},
+             {k: w for k, (_, w) in zip(keys, picks, strict=True)})
+            for picks in itertools.product(*(axis for _, axis in axes))]
+
+
+def _foreach_values(name: str, raw: dict, kpath: tuple, col: _Collector) -> FamilyValues | None:
+    spec = raw["foreach"]
+    if not isinstance(spec, list) or not spec:
+        got = "" if isinstance(spec, list) else f", got {_short(spec)}"
+        col.at_value(kpath, "'foreach' must be a non-empty list of mappings of parameter -> value, "
+                     f"e.g. foreach: [{{lambda: 0.5, density: 0.2}}]{got}", name)
+        return None
+    if len(spec) > MAX_FAMILY_MEMBERS:
+        col.at_value(kpath, f"'foreach' lists {len(spec)} members; the limit is {MAX_FAMILY_MEMBERS}", name)
+        return None
+    combos: FamilyValues = []
+    names: dict[str, int] = {}
+    for i, entry in enumerate(spec):
+        epath = kpath + (i,)
+        if not isinstance(entry, dict) or not entry:
+            col.at_value(epath, "each foreach entry must be a non-empty mapping of parameter -> value, "
+                         f"got {_short(entry)}", name)
+            continue
+        good = {k: v for k, v in entry.items()
+                if _family_key_ok(k, epath + (k,), "foreach", raw, name, col)
+                and _value_ok(v, epath + (k,), name, col)}
+        if len(good) != len(entry):
+            continue
+        full = member_name(name, good)
+        if full in names:
+            col.at_value(epath, f"foreach entry {i + 1} makes the member '{full}' again (as entry "
+                         f"{names[full] + 1}); member names must be unique", name)
+            continue
+        names[full] = i
+        combos.append((good, {k: (epath + (k,), epath + (k,)) for k in good}))
+    return combos
+
+
+def _matrix_refs(raw: dict) -> set[str]:
+    """The keys a family step refers to as ``${matrix.KEY}`` outside its matrix/foreach:
+    those are the members' variables, used where they are referred to, not parameters."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and "${" in value:
+            for expr in _VAR_ANY.findall(value):
+                if expr.strip().startswith("matrix."):
+                    found.add(expr.strip()[len("matrix."):])
+
+    walk({k: v for k, v in raw.items() if k not in FAMILY_KEYS})
+    return found
+
+
+def _matrix_variables(raw: dict) -> set[str]:
+    """The matrix keys of family step ``raw`` that are its members' variables rather than
+    parameters: used as ``${matrix.KEY}`` and not a parameter of the op (a parameter is set
+    even where the step also refers to it)."""
+    refs = _matrix_refs(raw)
+    op = raw.get("op")
+    spec = registry.all_ops().get(op) if refs and isinstance(op, str) else None
+    if spec is None:
+        return refs
+    names: set[str] = set()
+    for model in _models_for(spec, raw):
+        for fname, info in model.model_fields.items():
+            names |= {fname, info.alias or fname, *(getattr(info.validation_alias, "choices", None) or ())}
+    return {r for r in refs if r not in names}
+
+
+def _substitute_matrix(value: Any, values: dict, path: tuple, col: _Collector, step: str):
+    """Replace ``${matrix.NAME}`` with this member's value (a whole-value reference keeps
+    the value's type; inside a longer string it is written as in the member's name)."""
+    if isinstance(value, dict):
+        return {k: _substitute_matrix(v, values, path + (k,), col, step) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_matrix(v, values, path + (i,), col, step) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def lookup(expr: str) -> tuple[Any, bool]:
+        key = expr.strip()[len("matrix."):]
+        if key not in values:
+            col.failed.add(path)
+            col.at_value(path, f"unknown matrix key '${{matrix.{key}}}'{did_you_mean(key, values)}; "
+                         f"this member's keys: {', '.join(values)}", step)
+            return None, False
+        return values[key], True
+
+    whole = _MATRIX_WHOLE.match(value)
+    if whole:
+        got, ok = lookup("matrix." + whole.group(1))
+        return got if ok else value
+
+    def repl(m):
+        if not m.group(1).strip().startswith("matrix."):
+            return m.group(0)
+        got, ok = lookup(m.group(1).strip())
+        return format_member_value(got) if ok else m.group(0)
+    return _VAR_ANY.sub(repl, value)
+
+
+def _copy_positions(pos: Positions, src: tuple, dst: tuple, skip: tuple[str, ...] = ()) -> None:
+    """Give the paths under ``dst`` the marks of those under ``src`` (but ``src + (s,)`` for
+    ``s`` in ``skip``): a member's parameters point at the family's lines."""
+    n = len(src)
+    for table in (pos.keys, pos.values):
+        for p, mark in list(table.items()):
+            if p[:n] == src and not (len(p) > n and p[n] in skip):
+                table[dst + p[n:]] = mark
+
+
+def _expand_star_refs(raw: Any, path: tuple, families: dict[str, list[FamilyMember]],
+                      pos: Positions) -> Any:
+    """Replace each list item ``FAMILY@*`` by the family's members, in order; the positions
+    of the list's items follow (every member points at the ``FAMILY@*`` it came from)."""
+    if isinstance(raw, dict):
+        return {k: _expand_star_refs(v, path + (k,), families, pos) for k, v in raw.items()}
+    if not isinstance(raw, list):
+        return raw
+    items = [_expand_star_refs(v, path + (i,), families, pos) for i, v in enumerate(raw)]
+    spans = []  # (old index, replacement items)
+    for i, item in enumerate(items):
+        fam = item[:-2] if isinstance(item, str) and item.endswith("@*") else None
+        spans.append((i, [m.name for m in families[fam]] if fam in families and families[fam] else [item]))
+    if all(len(new) == 1 and new[0] is items[i] for i, new in spans):
+        return items
+    n = len(path)
+    for table in (pos.keys, pos.values):
+        moved = {p: mark for p, mark in table.items()
+                 if len(p) > n and p[:n] == path and isinstance(p[n], int)}
+        for p in moved:
+            del table[p]
+        j = 0
+        for i, new in spans:
+            for _ in new:
+                for p, mark in moved.items():
+                    if p[n] == i:
+                        table[path + (j,) + p[n + 1:]] = mark
+                j += 1
+    return [x for _, new in spans for x in new]
+
+
+def _dedupe_family_diagnostics(items: list[Diagnostic], families: dict[str, list[FamilyMember]]
+                               ) -> list[Diagnostic]:
+    """One diagnostic for a problem every (or several) members of a family share: a wrong
+    value in the matrix is found once per member, at the same place."""
+    family_of = {m.name: base for base, members in families.items() for m in members}
+    groups: dict[tuple, list[Diagnostic]] = {}
+    order: list[tuple] = []
+    for d in items:
+        base = family_of.get(d.step or "")
+        k = (base, d.line, d.col, d.message, d.severity) if base else (id(d),)
+        if k not in groups:
+            groups[k] = []
+            order.append(k)
+        groups[k].append(d)
+    out = []
+    for k in order:
+        ds = groups[k]
+        base = family_of.get(ds[0].step or "")
+        if len(ds) == 1 or base is None:
+            out.extend(ds)
+            continue
+        total = len(families[base])
+        if len(ds) == total:
+            out.append(replace(ds[0], step=f"{base}@*", message=f"{ds[0].message} (in every member)"))
+        else:
+            out.append(replace(ds[0], message=f"{ds[0].message} (in {len(ds)} of {total} members)"))
+    return out
 
 
 def _check_top(data: dict, col: _Collector) -> tuple[int, str, dict]:  # noqa: C901
@@ -497,8 +871,11 @@ def _param_names(spec: OpSpec, raw: dict) -> set[str]:
     return names
 
 
-def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collector, base_dir: Path):  # noqa: C901
-    if not isinstance(name, str) or not STEP_NAME.match(name):
+def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collector, base_dir: Path,  # noqa: C901
+                   member: bool = False):
+    """The validated step ``raw`` (None after reporting its problems).  ``member``: ``name``
+    is a family member's generated name (``base@k=v``), whose base was checked already."""
+    if not member and (not isinstance(name, str) or not STEP_NAME.match(name)):
         col.at_key(path, f"invalid step name {_short(name)}: use only letters, digits, '_' and '-' "
                    "(step names are used in paths)", name if isinstance(name, str) else None)
         return None
@@ -640,14 +1017,48 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
         verify = "changed"
     defaults = {"seed": seed, "dtype": dtype}
     steps: dict[str, Step] = {}
+    families: dict[str, list[FamilyMember]] = {}
+    # (name, raw, family or None, member values) of every step to validate, families expanded
+    todo: list[tuple[Any, Any, str | None, dict]] = []
+    broken: set[str] = set()  # families whose matrix is invalid (reported; members unknown)
     for name, raw in steps_raw.items():
         spath = ("steps", name)
-        raw = _interpolate(raw, spath, vars_, col, name if isinstance(name, str) else None)
-        step = _validate_step(name, raw, spath, defaults, col, path.parent)
+        is_family = (isinstance(name, str) and bool(STEP_NAME.match(name)) and isinstance(raw, dict)
+                     and any(k in raw for k in FAMILY_KEYS))
+        raw = _interpolate(raw, spath, vars_, col, name if isinstance(name, str) else None, is_family)
+        if not is_family:
+            todo.append((name, raw, None, {}))
+            continue
+        combos = _family_values(name, raw, spath, col)
+        if combos is None:
+            broken.add(name)
+            continue
+        families[name] = []
+        body = {k: v for k, v in raw.items() if k not in FAMILY_KEYS}
+        variables = _matrix_variables(raw)  # keys only used as ${matrix.KEY}, not parameters
+        for values, where in combos:
+            full = member_name(name, values)
+            mpath = ("steps", full)
+            _copy_positions(pos, spath, mpath, skip=FAMILY_KEYS)
+            params = {k: v for k, v in values.items() if k not in variables}
+            for k in params:
+                pos.keys[mpath + (k,)] = pos.key(where[k][0])
+                pos.values[mpath + (k,)] = pos.value(where[k][1])
+            member_raw = _substitute_matrix(body, values, mpath, col, full)
+            families[name].append(FamilyMember(full, dict(values)))
+            todo.append((full, {**member_raw, **params}, name, values))
+    for name, raw, family, values in todo:
+        spath = ("steps", name)
+        if families:
+            raw = _expand_star_refs(raw, spath, families, pos)
+        step = _validate_step(name, raw, spath, defaults, col, path.parent, member=family is not None)
         if step is not None:
+            step.family, step.matrix = family, dict(values)
             steps[name] = step
+    known_names = {n for n, _, _, _ in todo if isinstance(n, str)} | set(families) | broken
 
     outputs: dict[str, Path] = {}
+    relative_outputs: dict[str, Path] = {}  # as written, for --out DIR
     outputs_raw = data.get("outputs") or {}
     if not isinstance(outputs_raw, dict):
         col.at_value(("outputs",), f"'outputs' must be a mapping of step name -> directory, got {_short(outputs_raw)}")
@@ -655,10 +1066,13 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
     for name, target in outputs_raw.items():
         who = name if isinstance(name, str) else None
         target = _interpolate(target, ("outputs", name), vars_, col, None)
-        if name not in steps_raw:
+        if name in families:
+            col.at_key(("outputs", name), f"'{name}' is a step family ({len(families[name])} members): "
+                       f"an output names one member, e.g. '{families[name][0].name}'")
+        elif name not in known_names:
             known = ", ".join(str(k) for k in steps_raw) or "none"
             col.at_key(("outputs", name), f"output names unknown step {_short(name)}"
-                       f"{did_you_mean(name, steps_raw) if isinstance(name, str) else ''}; "
+                       f"{did_you_mean(name, known_names) if isinstance(name, str) else ''}; "
                        f"known steps: {_short_list(known)}")
         elif not isinstance(target, str) or not target:
             col.at_value(("outputs", name), f"output directory must be a path string, got {_short(target)}", who)
@@ -667,6 +1081,8 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
         else:
             p = Path(os.path.expanduser(target))
             outputs[name] = p if p.is_absolute() else path.parent / p
+            if not p.is_absolute():
+                relative_outputs[name] = p
 
     name_raw, description_raw = data.get("name"), data.get("description")
     pipeline = Pipeline(
@@ -682,8 +1098,12 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
         display=filename,
         verify=verify,
         reproducible=reproducible,
+        families=families,
+        relative_outputs=relative_outputs,
     )
-    col.items.extend(check_graph(pipeline, set(k for k in steps_raw if isinstance(k, str)), filename))
+    col.items.extend(check_graph(pipeline, known_names, filename))
+    if families:
+        col.items = _dedupe_family_diagnostics(col.items, families)
     errors = [d for d in col.items if d.severity == "error"]
     if errors:
         raise PipelineError(col.items)

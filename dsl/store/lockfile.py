@@ -1,14 +1,19 @@
 """The lock file: ``<pipeline>.lock`` beside the pipeline, committed to git.
 
-It records, per step, the op, the step key and the output digest, in a stable order
-with no timestamps, so a rerun that changes nothing leaves it byte-identical and a
-rerun that would change something is visible (``run --frozen`` refuses it).
+It records, per step, the op, the step key, the output digest, the environment class the
+digest holds for (``platform``) and the versions of the libraries that produced it, in a
+stable order with no timestamps, so a rerun that changes nothing leaves it byte-identical
+and a rerun that would change something is visible (``run --frozen`` refuses it).
+
+A rerun that reproduces a locked digest keeps the locked entry as it is, even on another
+platform or with newer libraries: the entry still says truthfully what produced those
+bytes, and a fresh clone that reproduces them leaves the committed file unchanged.
 """
 
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,6 +38,31 @@ class LockEntry:
     # the environment class the digest holds for (``cpu-strict``, or e.g. ``cpu avx512 2
     # threads torch 2.13.0+cpu``); None in lock files written before it was recorded
     platform: str | None = None
+    # the versions of the libraries that produced the digest (VERSIONED, from the step's
+    # manifest); None in lock files written before they were recorded
+    versions: dict[str, str] | None = field(default=None, compare=False)
+
+
+#: The platform class of strict-mode CPU results (see dsl/engine/repro.py).
+STRICT_PLATFORM = "cpu-strict"
+
+#: The libraries whose versions a lock entry records: those that compute or write the bytes.
+VERSIONED = ("weightflow", "torch", "transformers", "tokenizers", "peft", "safetensors")
+
+
+def lock_versions(versions: object) -> dict[str, str] | None:
+    """The lock file's view of a manifest's ``versions`` (only :data:`VERSIONED`)."""
+    if not isinstance(versions, dict):
+        return None
+    out = {k: str(versions[k]) for k in VERSIONED if isinstance(versions.get(k), str)}
+    return out or None
+
+
+def version_changes(old: dict[str, str] | None, new: dict[str, str] | None) -> list[str]:
+    """``['torch 2.12.0 -> 2.13.0', ...]``: the libraries recorded on both sides that differ."""
+    if not old or not new:
+        return []
+    return [f"{k} {old[k]} -> {new[k]}" for k in VERSIONED if k in old and k in new and old[k] != new[k]]
 
 
 def _where(path: Path, node) -> str:
@@ -129,16 +159,26 @@ def _entries(path: Path, node, data) -> dict[str, LockEntry]:
             raise _bad(path, node, f"step '{name}' must have string op, key and digest, got "
                        f"{e!r:.80}", _child(steps_node, str(name)))
         platform = e.get("platform") if isinstance(e.get("platform"), str) else None
-        out[str(name)] = LockEntry(e["op"], e["key"], e["digest"], platform)
+        raw = e.get("versions")
+        versions = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else None
+        out[str(name)] = LockEntry(e["op"], e["key"], e["digest"], platform, versions)
     return out
+
+
+def _entry_doc(e: LockEntry) -> dict:
+    doc: dict[str, object] = {"op": e.op, "key": e.key, "digest": e.digest}
+    if e.platform:
+        doc["platform"] = e.platform
+    if e.versions:
+        doc["versions"] = dict(sorted(e.versions.items()))
+    return doc
 
 
 def render(pipeline_file: str, entries: dict[str, LockEntry]) -> str:
     doc = {
         "weightflow": 1,
         "pipeline": pipeline_file,
-        "steps": {n: {"op": e.op, "key": e.key, "digest": e.digest, **({"platform": e.platform} if e.platform else {})}
-                  for n, e in sorted(entries.items())},
+        "steps": {n: _entry_doc(e) for n, e in sorted(entries.items())},
     }
     return HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=200)
 
