@@ -63,7 +63,7 @@ def test_quickstart_runs_to_its_report_and_reruns_from_cache(tmp_path):
         for name, row in zip(stages, body["results"], strict=True):
             vals = row[j]["values"]
             acc.setdefault(metric["label"], {})[name] = vals.get("acc", vals.get("sparsity"))
-    assert set(acc) == {"sentiment", "topic", "flagged_wrong_label", "sparsity"}
+    assert set(acc) == {"sentiment", "topic", "flagged_wrong_label", "sentiment_4way", "topic_4way", "sparsity"}
     assert all(isinstance(acc[m][s], float) for m in acc for s in stages)
     # fine-tuning learns each job; the merged model still does topic; unlearning forgets flagged rows
     assert acc["sentiment"]["sentiment"] > acc["sentiment"]["minilm"] + 0.1
@@ -71,5 +71,9 @@ def test_quickstart_runs_to_its_report_and_reruns_from_cache(tmp_path):
     assert acc["topic"]["merged"] >= 0.85
     assert acc["flagged_wrong_label"]["sentiment_fixed"] < acc["flagged_wrong_label"]["sentiment"]
     assert acc["sparsity"]["pruned"] == pytest.approx(0.5, abs=1e-3)
+    # what the README says about the plain 4-way argmax: the topic fine-tune alone reads topic
+    # from it; the merged model's 4-way argmax does not (each job only within its own labels)
+    assert acc["topic_4way"]["topic"] >= 0.85
+    assert acc["topic_4way"]["merged"] < acc["topic"]["merged"]
     assert (work / "quickstart.report.html").is_file() and (work / "out" / "quickstart-model" / "config.json").is_file()
     print(f"\nquickstart: first run {first_s:.0f}s, rerun {second_s:.1f}s")
