@@ -629,9 +629,12 @@ def cmd_gc(args) -> int:
     print(f"{verb} {n(doc['actions'], 'entry', 'entries')} and "
           f"{n(doc['objects'], 'object')} ({size(doc['bytes'])})"
           + (f" and {n(len(doc['staging']), 'abandoned staging dir')}" if doc["staging"] else "")
+          + (f" and {n(doc['scores'], 'cached score')} ({size(doc.get('score_bytes', 0))})"
+             if doc.get("scores") else "")
           + f"; kept {n(doc['kept_actions'], 'entry', 'entries')} "
           f"({doc['kept_by_lock']} named by the lock files, the rest used in the last {days:g} days) "
-          f"and {n(doc['kept_objects'], 'object')}")
+          f"and {n(doc['kept_objects'], 'object')}"
+          + (f" and {n(doc['kept_scores'], 'cached score')}" if doc.get("kept_scores") else ""))
     return 0
 
 

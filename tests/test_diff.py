@@ -271,6 +271,11 @@ def test_metrics_side_by_side(repo):
     assert "metrics of 'scores' (HEAD~1:pipeline.yaml → HEAD:pipeline.yaml):" in out
     line = next(x for x in out.splitlines() if x.strip().startswith("merged") and "delta_norm l2" in x)
     assert line.split()[-1].startswith("+")  # the norm grew
+    # the base's unchanged values are left out of the table, and counted
+    assert not any(x.strip().startswith("base") for x in out.splitlines())
+    assert "2 unchanged values not shown (--expand shows every value)" in out
+    full = wf("diff", "HEAD~1", "HEAD", "pipeline.yaml", "--expand", "--cache-dir", stores["both"], cwd=repo_dir).stdout
+    assert any(x.strip().startswith("base") and "delta_norm l2" in x for x in full.splitlines())
     md = wf("diff", "HEAD~1", "HEAD", "pipeline.yaml", "--md", "--cache-dir", stores["both"], cwd=repo_dir).stdout
     assert "#### Metrics of `scores`" in md and "| `merged` | delta_norm l2 |" in md
 

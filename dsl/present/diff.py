@@ -713,6 +713,21 @@ def _metric_name(row: dict) -> str:
     return name + arrow
 
 
+def _shown_metric_rows(rows: list[dict], expand: bool) -> tuple[list[dict], int]:
+    """The metric rows a reader needs (those whose value changed; every row with
+    ``expand``) and how many unchanged ones were left out: a reviewer looks for what moved,
+    and a report of six models has a hundred values (``--json`` keeps them all)."""
+    if expand:
+        return rows, 0
+    changed = [r for r in rows if r["old"] != r["new"]]
+    return changed, len(rows) - len(changed)
+
+
+def _unchanged_metrics_line(hidden: int) -> str:
+    return (f"{hidden} unchanged value{'s' if hidden != 1 else ''} not shown (--expand shows every value)"
+            if hidden else "")
+
+
 def _report_note(r: ReportDiff, old: str, new: str) -> str:
     if r.status == "old missing":
         return f"no report of '{r.old_step}' in the store for {old}: no metrics to compare"
@@ -737,9 +752,13 @@ def text(d: Diff, expand: bool = False) -> str:
             out.append(_report_note(r, d.old.label, d.new.label))
             continue
         out.append(f"metrics of '{r.step}' ({d.old.label} {ARROW} {d.new.label}):")
+        shown, hidden = _shown_metric_rows(r.rows, expand)
         table = [[row["model"], _metric_name(row), fmt(row["old"]), fmt(row["new"]), [_delta_text(row)]]
-                 for row in r.rows]
-        out += ["  " + line for line in _table(["MODEL", "METRIC", "OLD", "NEW", "Δ"], table)]
+                 for row in shown]
+        if table:
+            out += ["  " + line for line in _table(["MODEL", "METRIC", "OLD", "NEW", "Δ"], table)]
+        if note := _unchanged_metrics_line(hidden):
+            out.append("  " + note)
     return "\n".join(out) + "\n"
 
 
@@ -766,9 +785,14 @@ def markdown(d: Diff, expand: bool = False) -> str:
         if rep.status != "compared":
             out += [f"_{_md(_report_note(rep, d.old.label, d.new.label))}_", ""]
             continue
-        out += [f"#### Metrics of `{rep.step}`", "", "| model | metric | old | new | Δ |", "|---|---|---:|---:|---:|"]
-        out += [f"| `{_md(row['model'])}` | {_md(_metric_name(row))} | {fmt(row['old'])} | {fmt(row['new'])} | "
-                f"{_md(_delta_text(row))} |" for row in rep.rows]
+        shown, hidden = _shown_metric_rows(rep.rows, expand)
+        out += [f"#### Metrics of `{rep.step}`", ""]
+        if shown:
+            out += ["| model | metric | old | new | Δ |", "|---|---|---:|---:|---:|"]
+            out += [f"| `{_md(row['model'])}` | {_md(_metric_name(row))} | {fmt(row['old'])} | {fmt(row['new'])} | "
+                    f"{_md(_delta_text(row))} |" for row in shown]
+        if note := _unchanged_metrics_line(hidden):
+            out += ["", f"_{note}_"]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
