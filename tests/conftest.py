@@ -100,3 +100,66 @@ def lock_of(path: Path) -> dict:
 
 def config_of(directory: Path) -> dict:
     return json.loads((Path(directory) / "config.json").read_text())
+
+
+# -- a loopback S3 server (moto) for the remote-store and Ray tests -------------------
+
+class S3Server:
+    """A running moto S3 server on 127.0.0.1 (see the ``s3_server`` fixture)."""
+
+    bucket = "weightflow-test"
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint  # http://127.0.0.1:PORT
+
+    def url(self, prefix: str = "store") -> str:
+        """An ``s3://`` URL under the test bucket (which exists)."""
+        return f"s3://{self.bucket}/{prefix.strip('/')}"
+
+    def reset(self) -> None:
+        """Forget every bucket and object (moto's reset API), then recreate the bucket."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"),
+                               timeout=10).close()
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=self.bucket)
+
+
+@pytest.fixture(scope="session")
+def _moto_server():
+    """One moto server for the session, on a free loopback port."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(_moto_server, monkeypatch) -> S3Server:
+    """A loopback S3 server (moto, real HTTP), reset to one empty bucket for this test.
+
+    Yields an object with ``.endpoint`` (``http://127.0.0.1:PORT``), ``.bucket`` and
+    ``.url(prefix)`` (``s3://BUCKET/PREFIX``).  Sets the environment so that s3fs and
+    botocore in this process and in subprocesses use it: fake credentials
+    (``AWS_ACCESS_KEY_ID=testing`` ...), ``AWS_ENDPOINT_URL`` and
+    ``FSSPEC_S3_ENDPOINT_URL``; and clears s3fs's instance cache so no client from an
+    earlier test (with stale listings) is reused.
+    """
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ENDPOINT_URL": _moto_server, "FSSPEC_S3_ENDPOINT_URL": _moto_server}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    server = S3Server(_moto_server)
+    server.reset()
+    return server

@@ -407,15 +407,59 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 class Store:
+    """The local content store, optionally the read-through, write-through cache of a
+    remote one (``remote``: a URL fsspec opens; see ``dsl/store/remote.py``).
+
+    With a remote, a lookup that misses locally asks the remote and, on a hit, downloads
+    the object (checked against its digest) and its entry into this store; a publish
+    uploads objects, then the provenance record, then the action (created only if
+    absent: the first publisher of a key wins, the others adopt its entry).
+
+    ``lazy_fetch`` (set by the CLI for plan/status/run): a remote hit only registers the
+    entry; its object is downloaded when something asks for its path
+    (:meth:`object_path`) or verifies it deeply, so a run downloads the inputs of the
+    steps it executes and the outputs it exports, not every cached step of the pipeline.
+    """
+
     def __init__(self, root: str | os.PathLike | None = None,
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, remote: str | None = None,
+                 lazy_fetch: bool = False):
         self.root = (Path(os.path.expanduser(str(root))) if root else default_root()).resolve()
         self.warn = warn or _stderr_warn
         self.memo = Memo(self.root / "memo.sqlite", warn=lambda m: self.warn(m))
         self._format_ok: bool | None = None  # None: not checked yet; False: legacy, read-only
+        # the remote's URL as given (workers open the same remote with it: it may hold
+        # credentials, so print ``remote_display`` instead), and the remote itself
+        self.remote_url: str | None = remote or None
+        self.remote = None
+        if self.remote_url:
+            from weightflow.dsl.store.remote import Remote
+
+            self.remote = Remote(self.remote_url)
+        self.lazy_fetch = lazy_fetch
+        # lazily fetched remote hits: digest -> [(key, action manifest)], and key -> its Entry
+        self._pending: dict[str, list[tuple[str, dict]]] = {}
+        self._pending_entries: dict[str, Entry] = {}
+        self._fetch_failures: dict[str, str] = {}  # digest -> why its download was refused
+        self._warned_remote: set[str] = set()  # keys whose unusable remote entry was reported
+
+    @property
+    def remote_display(self) -> str | None:
+        """The remote's URL without user info or query (safe to print), or None."""
+        return self.remote.display if self.remote is not None else None
 
     # -- paths ---------------------------------------------------------------
     def object_path(self, digest: str) -> Path:
+        """The local directory of object ``digest``; a lazily fetched remote object is
+        downloaded first (a corrupt one is not: its path then does not exist)."""
+        if self._pending and digest in self._pending and not self._materialize(digest):
+            from weightflow.dsl.lang.diagnostics import WeightflowError
+
+            raise WeightflowError(f"{self._fetch_failures.get(digest, 'a remote object is unusable')}; "
+                                  "it is marked bad on the remote: rerun to recompute it")
+        return self._object_dir(digest)
+
+    def _object_dir(self, digest: str) -> Path:
         return self.root / "objects" / digest[:2] / digest
 
     def action_path(self, key: str) -> Path:
@@ -504,6 +548,21 @@ class Store:
                touch: bool = True) -> Entry | None:
         """The published entry for ``key``, or None (missing, half-written or untrusted).
 
+        Local first; with a remote, a local miss asks the remote (see the class doc), so
+        the caller always gets a local entry (or, with ``lazy_fetch``, one whose object
+        arrives on first use of its path).
+        """
+        entry = self._lookup_local(key, warn, touch)
+        if entry is not None or self.remote is None or not is_hex_id(key):
+            return entry
+        if key in self._pending_entries:
+            return self._pending_entries[key]
+        return self._lookup_remote(key, warn or self.warn, touch)
+
+    def _lookup_local(self, key: str, warn: Callable[[str], None] | None = None,
+                      touch: bool = True) -> Entry | None:
+        """The entry for ``key`` in the local store alone, or None.
+
         An action whose key, provenance record and object do not agree is discarded
         with a warning (its object stays: it is a valid output of some other key).
         A hit refreshes the action's mtime, which is the entry's last use for ``gc``.
@@ -546,9 +605,14 @@ class Store:
         return self.verify_object(entry.digest, entry.path, deep)
 
     def verify_object(self, digest: str, path: Path | None = None, deep: bool | None = None) -> bool:
-        path = self.object_path(digest) if path is None else path
         if deep is None:
             deep = verify_always_env()
+        if digest in self._pending:  # a lazily fetched remote hit: hashed when it arrives
+            if not deep:
+                return True
+            self._materialize(digest)
+            path = None
+        path = self.object_path(digest) if path is None else path
         try:
             sig = stat_signature(path)
         except OSError:
@@ -566,6 +630,8 @@ class Store:
 
     def discard(self, entry: Entry) -> None:
         """Remove a corrupted entry: its action and its object."""
+        self._pending.pop(entry.digest, None)
+        self._pending_entries.pop(entry.key, None)
         self.discard_action(entry.key)
         self.discard_object(entry.digest)
 
@@ -576,7 +642,7 @@ class Store:
     def discard_object(self, digest: str) -> None:
         """Remove an object (its provenance records stay: they remain true, and a
         recomputation of the same content is trusted again by the keys they name)."""
-        shutil.rmtree(self.object_path(digest), ignore_errors=True)
+        shutil.rmtree(self._object_dir(digest), ignore_errors=True)
         self.memo.set_verified(digest, None)
 
     def file_digest(self, path: Path, deep: bool = False) -> str:
@@ -646,6 +712,8 @@ class Store:
         While it exists this process holds an exclusive flock on ``tmp/<id>.lock``;
         the kernel drops it when the process dies (even by SIGKILL), which is how
         ``clean_stale_staging`` tells a dead run's leftovers from a live run's.
+
+        (With a remote, the runner downloads a step's inputs before it stages its output.)
         """
         base = self.root / "tmp"
         base.mkdir(parents=True, exist_ok=True)
@@ -712,6 +780,26 @@ class Store:
                         f.unlink()
 
     def publish(self, key: str, staged: Path, digest: str, manifest: dict) -> Entry:
+        """Publish locally (:meth:`_publish_local`), then, with a remote, upload: the
+        object, the provenance record, and last the action, created only if absent.
+
+        Returns the entry that holds for ``key`` everywhere: this one, or, when another
+        machine published the key first with other bytes, the winner's (downloaded and
+        made the local entry too), so that all agree on one digest.
+        """
+        entry = self._publish_local(key, staged, digest, manifest)
+        if self.remote is None:
+            return entry
+        try:
+            return self.upload(entry)
+        except OSError as exc:
+            from weightflow.dsl.lang.diagnostics import WeightflowError
+
+            raise WeightflowError(f"uploading the output of key {key[:12]} to the remote store "
+                                  f"{self.remote_display} failed ({exc}); the local entry is kept, "
+                                  "`weightflow push` uploads it later") from None
+
+    def _publish_local(self, key: str, staged: Path, digest: str, manifest: dict) -> Entry:
         """Move ``staged`` to its content address, then write the action entry.
 
         The provenance record ``manifests/../<digest>/<key>.json`` is written first,
@@ -721,7 +809,7 @@ class Store:
         manifest = {**manifest, "key": key, "digest": digest}
         doc = json.dumps(manifest, indent=1, sort_keys=True).encode()
         write_atomic(self.record_path(digest, key), doc)
-        obj = self.object_path(digest)
+        obj = self._object_dir(digest)
         if obj.is_dir():
             shutil.rmtree(staged, ignore_errors=True)  # same content already stored
         else:
@@ -737,6 +825,121 @@ class Store:
             self.memo.set_verified(digest, stat_signature(obj))
         write_atomic(self.action_path(key), doc)
         return Entry(key=key, digest=digest, kind=manifest.get("kind", ""), path=obj, manifest=manifest)
+
+    # -- the remote ----------------------------------------------------------
+    def remote_has(self, key: str) -> bool:
+        """Whether the remote holds an entry for ``key`` (no download; False without one)."""
+        return self.remote is not None and is_hex_id(key) and self.remote.has(key)
+
+    def where(self, key: str | None) -> str:
+        """``local``, ``remote`` (only there) or ``missing``: where the entry of ``key`` is,
+        from file existence alone (nothing hashed, nothing downloaded)."""
+        if not is_hex_id(key):
+            return "missing"
+        m = self.read_action(key) or {}
+        if is_hex_id(m.get("digest")) and self._object_dir(m["digest"]).is_dir():
+            return "local"
+        return "remote" if self.remote_has(key) else "missing"
+
+    def upload(self, entry: Entry) -> Entry:
+        """Upload a local entry (see :meth:`publish`); the entry that holds afterwards."""
+        assert self.remote is not None
+        remote = self.remote
+        doc = json.dumps(entry.manifest, indent=1, sort_keys=True).encode()
+        remote.upload_object(entry.digest, self._object_dir(entry.digest))
+        remote._write(remote.record_path(entry.digest, entry.key), doc)
+        if remote.create_exclusive(remote.action_path(entry.key), doc):
+            return entry
+        winner = remote.read_action(entry.key) or {}
+        theirs = winner.get("digest")
+        if not is_hex_id(theirs) or theirs == entry.digest or winner.get("key") != entry.key:
+            return entry
+        # Another machine published this key first with other bytes: adopt its entry.
+        if not self._object_dir(theirs).is_dir():
+            self._pending.setdefault(theirs, []).append((entry.key, winner))
+            if not self._materialize(theirs):
+                self.warn(f"key {entry.key[:12]} was published to {remote.display} by another "
+                          f"machine as {theirs[:12]}, whose object cannot be fetched; keeping "
+                          f"this machine's {entry.digest[:12]}")
+                return entry
+        else:
+            self._publish_local(entry.key, self.root / "tmp" / "-absent-", theirs, winner)
+        return self._lookup_local(entry.key, touch=False) or entry
+
+    def _lookup_remote(self, key: str, warn: Callable[[str], None], touch: bool) -> Entry | None:
+        """A local miss asks the remote: the entry of ``key`` there (fetched, or with
+        ``lazy_fetch`` registered for fetching on first use), or None."""
+        assert self.remote is not None
+        m = self.remote.read_action(key)
+        digest = m.get("digest") if m is not None else None
+        if m is None or m.get("key") != key or not is_hex_id(digest):
+            return None
+        step = m.get("step")
+        who = f" (step '{step}')" if isinstance(step, str) else ""
+        rec = self.remote.read_record(digest, key)
+        if rec is None or rec.get("key") != key or rec.get("digest") != digest:
+            warn(f"remote cache entry {key[:12]}{who} in {self.remote.display} has no matching "
+                 "provenance record; not using it")
+            return None
+        if self._object_dir(digest).is_dir():  # same content already here (another key's)
+            self._publish_local(key, self.root / "tmp" / "-absent-", digest, m)
+            return self._lookup_local(key, warn, touch)
+        if self.lazy_fetch and self.remote.read_marker(digest) is None:
+            if key in self._warned_remote:
+                return None
+            self._warned_remote.add(key)  # plan and run look a key up more than once
+            warn(f"remote cache entry {key[:12]}{who} in {self.remote.display}: its object {digest[:12]} "
+                 "is missing, incompletely uploaded or was found corrupted; recomputing it")
+            return None
+        self._pending.setdefault(digest, []).append((key, m))
+        if self.lazy_fetch:
+            entry = Entry(key=key, digest=digest, kind=m.get("kind", ""), path=self._object_dir(digest),
+                          manifest=m)
+            self._pending_entries[key] = entry
+            return entry
+        if not self._materialize(digest, warn):
+            return None
+        return self._lookup_local(key, warn, touch)
+
+    def _materialize(self, digest: str, warn: Callable[[str], None] | None = None) -> bool:
+        """Download the pending remote object ``digest``, check its digest and publish it
+        (with the entries waiting for it) locally.  A corrupt or incomplete remote object
+        is reported naming its keys, its marker dropped (so the next publisher of that
+        content uploads it again), and nothing is published: the caller sees a miss."""
+        waiting = self._pending.pop(digest, [])
+        for key, _ in waiting:
+            self._pending_entries.pop(key, None)
+        if not waiting or self.remote is None:
+            return False
+        return self._download_and_publish(digest, waiting, warn or self.warn)
+
+    def _download_and_publish(self, digest: str, waiting: list[tuple[str, dict]],
+                              warn: Callable[[str], None]) -> bool:
+        """_materialize's work: fetch into staging, check, publish locally (or report)."""
+        assert self.remote is not None
+        with self.staging() as out:
+            try:
+                self.remote.download_object(digest, out)
+                ok = digest_directory(out) == digest
+                why = "its content does not match its digest"
+            except FileNotFoundError:
+                ok, why = False, "it is missing or incompletely uploaded"
+            except Exception as exc:  # noqa: BLE001 -- unreadable or garbled: not what it claims
+                ok, why = False, f"it cannot be read ({exc})"
+            if not ok:
+                names = ", ".join(
+                    f"{k[:12]}" + (f" (step '{m['step']}')" if isinstance(m.get("step"), str) else "")
+                    for k, m in waiting)
+                message = (f"remote object {digest[:12]} of cache entry {names} in {self.remote.display} "
+                           f"is corrupted: {why}")
+                self._fetch_failures[digest] = message
+                warn(f"{message}; not using it (the step recomputes and uploads it again)")
+                if "missing" not in why:
+                    self.remote.drop_marker(digest)
+                return False
+            for key, manifest in waiting:
+                self._publish_local(key, out, digest, manifest)
+        return True
 
     @contextmanager
     def claim(self, key: str):
@@ -801,6 +1004,8 @@ class Store:
         if not dry_run:
             self._gc_remove(dropped, drop_objects, now)
         scores_removed, score_bytes, scores_kept = self._gc_scores(cutoff, dry_run)
+        if not dry_run:
+            self._gc_views()
         for row in dropped:
             row.pop("_path", None)
         entries = dropped + orphans
@@ -819,6 +1024,17 @@ class Store:
             "score_bytes": score_bytes,
             "kept_scores": scores_kept,
         }
+
+    def _gc_views(self) -> None:
+        """Remove the cached views (``views/<digest>.json``: ``show``'s weights summary)
+        whose object is gone: a view is derived from its object and lives as long as it."""
+        base = self.root / "views"
+        if not base.is_dir():
+            return
+        for view in base.glob("*/*.json"):
+            if not self.object_path(view.stem).is_dir():
+                with suppress(OSError):
+                    view.unlink()
 
     def _gc_scores(self, cutoff: float, dry_run: bool) -> tuple[int, int, int]:
         """collect's pass over score entries: (removed, their bytes, kept), by last use."""
