@@ -39,7 +39,7 @@ from weightflow.dsl.lang.diagnostics import (
 from weightflow.dsl.lang.pipeline import Pipeline, Step
 from weightflow.dsl.lang.spec import step_dtype, step_seed
 from weightflow.dsl.store import lockfile
-from weightflow.dsl.store.content import Store, write_atomic
+from weightflow.dsl.store.content import Entry, Store, write_atomic
 from weightflow.dsl.store.export import _absolute, disk_full_error, export_step, preflight_export
 
 
@@ -53,6 +53,21 @@ class Outcome:
     lock_changed: bool = False
     exported: dict[str, str] = field(default_factory=dict)
 
+
+@dataclass
+class _RunState:
+    """What a run accumulates as its steps settle (shared by the backends)."""
+
+    order: list[str]
+    need: set[str]
+    lock: dict[str, lockfile.LockEntry]
+    last_use: dict[str, str]
+    new_lock: dict[str, lockfile.LockEntry]
+    todo: list[str]
+    digests: dict[str, str] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    live: dict[str, Artifact] = field(default_factory=dict)
+    statuses: dict[str, StepStatus] = field(default_factory=dict)
 
 
 def _versions() -> dict:
@@ -203,6 +218,17 @@ class Runner:
 
     # -- the run -------------------------------------------------------------
     def run(self) -> Outcome:
+        """Plan, run every needed cache miss (:meth:`_run_steps`), write the lock, export."""
+        st = self._prepare()
+        self._run_steps(st)
+        changed = lockfile.write(self.p.lock_path, self.p.path.name, st.new_lock)
+        outcome = Outcome([st.statuses[n] for n in st.order if n in st.statuses], lock_changed=changed)
+        if self.export:
+            self._export_outputs(st.digests, st.new_lock, outcome)
+        return outcome
+
+    def _prepare(self) -> _RunState:
+        """The checks made before any step runs (preflight, outputs, --frozen) and the run's state."""
         p = self.p
         order = graph.topo_order(p)
         need = graph.needed(p, self.targets)
@@ -221,57 +247,73 @@ class Runner:
             raise PipelineError(problems)
         if self.frozen:
             self._check_frozen(lock, order, need)
-        last_use = graph.last_consumers(p, order, need)
-        digests: dict[str, str] = {}
-        names: dict[str, str] = {}
-        live: dict[str, Artifact] = {}
-        statuses: list[StepStatus] = []
-        new_lock = {n: e for n, e in lock.items() if n in p.steps}
-        todo = [n for n in order if n in need]
+        st = _RunState(order=order, need=need, lock=lock, last_use=graph.last_consumers(p, order, need),
+                       new_lock={n: e for n, e in lock.items() if n in p.steps},
+                       todo=[n for n in order if n in need])
         for name in order:
-            step = p.steps[name]
             if name not in need:
                 old = lock.get(name)
-                statuses.append(StepStatus(name, step.op.name, "skipped", old.key if old else None,
-                                           old.digest if old else None, "not needed by the targets"))
-                continue
-            key = self.planner.key_of(name, digests)
-            entry = None if name in self.force else self.planner.cached(key, self.warn, name)
-            position = f"[{todo.index(name) + 1}/{len(todo)}]"
-            if entry is None and name not in self.force:
-                self._say_why_not_reused(name, key, position)
+                st.statuses[name] = StepStatus(name, p.steps[name].op.name, "skipped", old.key if old else None,
+                                               old.digest if old else None, "not needed by the targets")
+        return st
+
+    def _run_steps(self, st: _RunState) -> None:
+        """The in-process backend: each needed step in topological order, one at a time."""
+        for name in st.todo:
+            key, entry, position = self._lookup_step(name, st)
+            op = self.p.steps[name].op.name
             if entry is not None:
-                status = StepStatus(name, step.op.name, "cached", key, entry.digest)
-                self.log(f"{position} {name} ({step.op.name}): cached {entry.digest[:12]}")
+                status = StepStatus(name, op, "cached", key, entry.digest)
             else:
-                self.log(f"{position} {name} ({step.op.name}): running")
-                with self.store.claim(key):
-                    entry = None if name in self.force else self.planner.cached(key, self.warn, name)
-                    if entry is None:
-                        entry, seconds = self._execute(name, key, digests, live, names)
-                        status = StepStatus(name, step.op.name, "executed", key, entry.digest,
-                                            seconds=seconds)
-                        self.log(f"{position} {name} ({step.op.name}): done in {seconds:.2f}s "
-                                 f"-> {entry.digest[:12]}")
-                    else:
-                        status = StepStatus(name, step.op.name, "cached", key, entry.digest,
-                                            reason="computed by a concurrent run")
-            made_on = entry.manifest.get("platform") or (lock[name].platform if name in lock else None)
-            versions = lockfile.lock_versions(entry.manifest.get("versions"))
-            if self.frozen and lock.get(name) and lock[name].digest != entry.digest:
-                self._digest_differs(name, lock[name], entry.digest, made_on, versions)
-            digests[name] = entry.digest
-            names.setdefault(entry.digest, name)
-            live[name] = Artifact(kind=step.op.output, digest=entry.digest, path=entry.path, step=name)
-            new_lock[name] = _lock_entry(lock.get(name), lockfile.LockEntry(step.op.name, key, entry.digest,
-                                                                             made_on, versions))
-            statuses.append(status)
-            _release_consumed(name, step, last_use, live)
-        changed = lockfile.write(p.lock_path, p.path.name, new_lock)
-        outcome = Outcome(statuses, lock_changed=changed)
-        if self.export:
-            self._export_outputs(digests, new_lock, outcome)
-        return outcome
+                self.log(f"{position} {name} ({op}): running")
+                entry, status = self.execute_step(name, key, st.digests, st.live, st.names)
+                if status.status == "executed":
+                    self.log(f"{position} {name} ({op}): done in {status.seconds:.2f}s -> {entry.digest[:12]}")
+            self._settle(name, key, entry, status, st)
+
+    def _lookup_step(self, name: str, st: _RunState) -> tuple[str, Entry | None, str]:
+        """Step ``name``'s key (its inputs are settled), the cache entry serving it or None
+        (a miss, or ``--force``), and its ``[i/n]`` position for progress lines."""
+        step = self.p.steps[name]
+        key = self.planner.key_of(name, st.digests)
+        entry = None if name in self.force else self.planner.cached(key, self.warn, name)
+        position = f"[{st.todo.index(name) + 1}/{len(st.todo)}]"
+        if entry is None and name not in self.force:
+            self._say_why_not_reused(name, key, position)
+        if entry is not None:
+            self.log(f"{position} {name} ({step.op.name}): cached {entry.digest[:12]}")
+        return key, entry, position
+
+    def execute_step(self, name: str, key: str, digests: dict[str, str], live: dict[str, Artifact],
+                     names: dict[str, str]) -> tuple[Entry, StepStatus]:
+        """Run one cache miss under the key's claim and publish it; shared by the in-process
+        loop and the Ray workers (dsl/engine/ray_backend.py), so both run an op alike.
+        ``digests`` holds (at least) the step's inputs' digests."""
+        op = self.p.steps[name].op.name
+        with self.store.claim(key):
+            entry = None if name in self.force else self.planner.cached(key, self.warn, name)
+            if entry is not None:
+                return entry, StepStatus(name, op, "cached", key, entry.digest,
+                                         reason="computed by a concurrent run")
+            entry, seconds = self._execute(name, key, digests, live, names)
+            return entry, StepStatus(name, op, "executed", key, entry.digest, seconds=seconds)
+
+    def _settle(self, name: str, key: str, entry: Entry, status: StepStatus, st: _RunState) -> None:
+        """Record a finished (run or cached) step: --frozen's digest check, its lock entry,
+        its digest for the steps downstream, and release inputs no later step reads."""
+        step = self.p.steps[name]
+        lock = st.lock
+        made_on = entry.manifest.get("platform") or (lock[name].platform if name in lock else None)
+        versions = lockfile.lock_versions(entry.manifest.get("versions"))
+        if self.frozen and lock.get(name) and lock[name].digest != entry.digest:
+            self._digest_differs(name, lock[name], entry.digest, made_on, versions)
+        st.digests[name] = entry.digest
+        st.names.setdefault(entry.digest, name)
+        st.live[name] = Artifact(kind=step.op.output, digest=entry.digest, path=entry.path, step=name)
+        st.new_lock[name] = _lock_entry(lock.get(name), lockfile.LockEntry(step.op.name, key, entry.digest,
+                                                                           made_on, versions))
+        st.statuses[name] = status
+        _release_consumed(name, step, st.last_use, st.live)
 
     def _export_outputs(self, digests: dict[str, str], new_lock: dict[str, lockfile.LockEntry],
                         outcome: Outcome) -> None:
@@ -343,6 +385,11 @@ class Runner:
     def _execute(self, name: str, key: str, digests: dict[str, str], live: dict[str, Artifact],
                  names: dict[str, str]):
         step = self.p.steps[name]
+        for e in step.inputs:  # with a remote: download this step's inputs now, and only them
+            try:
+                self.store.object_path(digests[e.source])
+            except WeightflowError as exc:
+                raise StepFailed(name, f"its input '{e.source}': {exc}", self._where(name)) from None
         inputs = self._inputs_of(step, digests, live)
         if self.planner.deep:  # verify: always -- re-hash every input right before the op reads it
             self._verify_inputs(name, step, digests)

@@ -16,7 +16,8 @@ description); the runner resolves ``ctx.seed`` / ``ctx.dtype`` from those only.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Generic, Protocol, TypeVar
@@ -155,6 +156,10 @@ class OpSpec(Generic[P]):
     # (a data file's fields, label names): ``preflight(params, env)`` raises OpError,
     # reported at the step's line.  ``env`` is the same as for ``fingerprint``.
     preflight: Callable[[P, OpEnv], None] | None = None
+    # What one run of the op needs from a worker of a distributed backend (Ray), as a
+    # step's ``resources:`` writes it ({cpus: 1, gpus: 0, memory: 4GB}; cpus: all = every
+    # CPU of a worker); a step's own ``resources:`` wins key by key.  Never in the key.
+    resources: Mapping[str, Any] | None = None
 
     @property
     def adapter(self) -> TypeAdapter:
@@ -210,3 +215,48 @@ def iter_values(value: Any) -> Iterator[tuple[tuple, Any]]:
                 yield (i,), item
     elif value is not None:
         yield (), value
+
+
+#: The keys of a step's ``resources:`` (see OpSpec.resources).
+RESOURCE_KEYS = ("cpus", "gpus", "memory")
+
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+                 "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+                 "tib": 2**40}
+_MEMORY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_memory(value: Any) -> int:
+    """Bytes from ``16GB``, ``512MiB`` or a number of bytes; ValueError naming the forms."""
+    if isinstance(value, bool):
+        raise ValueError(f"memory: expected a size such as 16GB or 512MiB, got {value!r}")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError(f"memory: must be positive, got {value!r}")
+        return int(value)
+    m = _MEMORY.match(str(value))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _MEMORY_UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"memory: expected a size such as 16GB or 512MiB, got {value!r}")
+    return int(float(m.group(1)) * _MEMORY_UNITS[unit])
+
+
+def check_resources(value: Any) -> dict[str, Any]:
+    """A step's ``resources:`` mapping, checked (ValueError says what was expected): cpus a
+    positive number or ``all``, gpus a number >= 0, memory a size; nothing else."""
+    if not isinstance(value, dict):
+        raise ValueError(f"'resources' must be a mapping such as {{cpus: 4, gpus: 1, memory: 16GB}}, "
+                         f"got {value!r}")
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if k not in RESOURCE_KEYS:
+            raise ValueError(f"'resources' has no key {k!r}; its keys: {', '.join(RESOURCE_KEYS)}")
+        if k == "memory":
+            parse_memory(v)
+        elif k == "cpus" and v == "all":
+            pass
+        elif isinstance(v, bool) or not isinstance(v, int | float) or v < 0 or (k == "cpus" and v == 0):
+            want = "a positive number (or all)" if k == "cpus" else "a number >= 0"
+            raise ValueError(f"resources.{k}: expected {want}, got {v!r}")
+        out[k] = v
+    return out
