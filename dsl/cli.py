@@ -43,6 +43,17 @@ def _var_overrides(items: list[str] | None) -> dict:
     return out
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for --jobs: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _load(path: str, args=None):
     from weightflow.dsl.lang.pipeline import load_pipeline
 
@@ -50,6 +61,8 @@ def _load(path: str, args=None):
     for w in p.warnings:
         _err(w.format())
     _relocate(p, getattr(args, "out_dir", None), getattr(args, "lock", None))
+    if args is not None:
+        args.loaded_pipeline = p  # its `store: {remote: URL}` is read by _store
     return p
 
 
@@ -79,10 +92,25 @@ def _place_args(sp) -> None:
                     "<pipeline>.lock beside the pipeline, or in --out DIR)")
 
 
+def _remote_url(args) -> str | None:
+    """The remote store: ``--remote URL``, else ``$WEIGHTFLOW_REMOTE``, else the loaded
+    pipeline's ``store: {remote: URL}``; None for a local store only."""
+    from weightflow.dsl.store.remote import REMOTE_ENV
+
+    given = getattr(args, "remote", None)
+    if isinstance(given, str) and given:
+        return given
+    if os.environ.get(REMOTE_ENV):
+        return os.environ[REMOTE_ENV]
+    return getattr(getattr(args, "loaded_pipeline", None), "store_remote", None)
+
+
 def _store(args):
     from weightflow.dsl.store.content import Store
 
-    return Store(args.cache_dir) if getattr(args, "cache_dir", None) else Store()
+    # these look up many steps but need few objects: a remote object is fetched on first use
+    lazy = getattr(args, "command", None) in ("plan", "status", "run", "show", "export")
+    return Store(getattr(args, "cache_dir", None) or None, remote=_remote_url(args), lazy_fetch=lazy)
 
 
 def _check_steps(pipeline, names, what: str) -> None:
@@ -221,20 +249,34 @@ def cmd_plan(args) -> int:
     args.target, args.force = p.expand_names(args.target), p.expand_names(args.force)  # FAMILY@*
     _check_steps(p, args.target, "--target")
     _check_steps(p, args.force, "--force")
-    statuses = plan(p, _store(args), args.target, args.force, warn=lambda m: _err(f"warning: {m}"),
+    store = _store(args)
+    statuses = plan(p, store, args.target, args.force, warn=lambda m: _err(f"warning: {m}"),
                     mode=args.reproducible)
+    # with a remote: where each step's entry is (local, remote only, missing)
+    where = {s.name: store.where(s.key) for s in statuses} if store.remote is not None else {}
     if args.json:
-        print(json.dumps(_steps_json(p, statuses)))
+        doc = _steps_json(p, statuses)
+        if where:
+            for step in doc["steps"]:
+                step["where"] = where.get(step.get("name"), "missing")
+            doc["remote"] = store.remote_display
+        print(json.dumps(doc))
         return 0
     rows = [[s.name, s.op, s.status, (s.key or "-")[:12], (s.digest or "-")[:12], s.reason]
             for s in statuses]
     header = ["STEP", "OP", "STATUS", "KEY", "DIGEST", "REASON"]
+    if where:
+        rows = [r[:3] + [where[s.name]] + r[3:] for r, s in zip(rows, statuses, strict=True)]
+        header.insert(3, "WHERE")
     if any(s.drift for s in statuses):  # only where a recomputed digest may differ from the lock
         rows = [r + [s.drift or "-"] for r, s in zip(rows, statuses, strict=True)]
         header.append("MAY DIFFER FROM LOCK")
-    rows, family_lines = _fold_families(p, [s.name for s in statuses], rows, {2: {"pending": "to run"}},
-                                        args.expand, blank=(3, 4))
+    counted: dict[int, dict[str, str]] = {2: {"pending": "to run"}, **({3: {}} if where else {})}
+    blank = (4, 5) if where else (3, 4)
+    rows, family_lines = _fold_families(p, [s.name for s in statuses], rows, counted, args.expand, blank=blank)
     _print_table(rows, header)
+    if where:
+        print(f"\nremote: {store.remote_display}")
     todo = sum(s.status == "pending" for s in statuses)
     print(f"\n{todo} step(s) to run, {sum(s.status == 'cached' for s in statuses)} cached")
     for line in family_lines:
@@ -256,10 +298,20 @@ def cmd_run(args) -> int:
         _err(f"warning: {note}")
     show = sys.stderr.isatty() and not args.quiet
     store = _store(args)
-    runner = Runner(p, store, targets=args.target, force=args.force, frozen=args.frozen,
+    run_opts = dict(targets=args.target, force=args.force, frozen=args.frozen,
                     show_progress=show, log=(lambda m: None) if args.quiet else _err,
                     export=not args.no_export, force_export=args.force_export, relock=args.relock,
                     reproducible=mode, allow_platform_drift=args.allow_platform_drift)
+    runner: Runner
+    if getattr(args, "backend", "local") == "ray":  # imported only here: ray is optional
+        from weightflow.dsl.engine.ray_backend import RayRunner
+
+        runner = RayRunner(p, store, address=args.address, jobs=args.jobs, keep_going=args.keep_going,
+                           var_overrides=_var_overrides(args.var), **run_opts)
+    else:
+        if args.address or args.jobs or args.keep_going:
+            raise WeightflowError("--address, --jobs and --keep-going apply to --backend ray only")
+        runner = Runner(p, store, **run_opts)
     try:
         outcome = runner.run()
     except OSError as exc:
@@ -354,7 +406,9 @@ def cmd_status(args) -> int:
     from weightflow.dsl.present.report import lock_only_steps, locked_steps
 
     p = _load(args.pipeline, args)
-    steps = locked_steps(p, _store(args), warn=_view_warn)
+    store = _store(args)
+    steps = locked_steps(p, store, warn=_view_warn)
+    has_remote = store.remote is not None
     mode = args.reproducible or p.reproducible
     versions = installed_versions()
     rows = []
@@ -364,8 +418,11 @@ def cmd_status(args) -> int:
         drift = ""
         if s.locked is not None and cache != "in store":  # it would be recomputed here
             drift = drift_note(p.steps[s.name], s.locked, mode, versions)
-        rows.append([s.name, s.op, lock_state, cache, (s.key or "-")[:12], (s.digest or "-")[:12], drift])
+        where = store.where(s.key) if has_remote else None  # local, remote (only) or missing
+        rows.append([s.name, s.op, lock_state, cache, *([where] if where else []), (s.key or "-")[:12],
+                     (s.digest or "-")[:12], drift])
         out.append({"name": s.name, "op": s.op, "lock": lock_state, "cache": cache,
+                    **({"where": where} if where else {}),
                     "key": s.key, "digest": s.digest, **({"drift": drift} if drift else {}),
                     **_family_fields(p, s.name)})
     unlocked = [s.name for s in steps.values() if s.locked is None]
@@ -387,11 +444,16 @@ def cmd_status(args) -> int:
         print(json.dumps({"pipeline": str(p.path), "lock": str(p.lock_path), "steps": out,
                           "not_locked": unlocked, "op_changed": changed, "lock_only": gone}))
     else:
-        header = ["STEP", "OP", "LOCK", "CACHE", "KEY", "DIGEST", "MAY DIFFER FROM LOCK"]
+        header = ["STEP", "OP", "LOCK", "CACHE", *(["WHERE"] if has_remote else []), "KEY", "DIGEST",
+                  "MAY DIFFER FROM LOCK"]
         if not any(r[-1] for r in rows):  # the column only where a recomputed digest may differ
             rows, header = [r[:-1] for r in rows], header[:-1]
-        rows, family_lines = _fold_families(p, [s.name for s in steps.values()], rows, {2: {}, 3: {}},
-                                            args.expand, blank=(4, 5))
+        counted: dict[int, dict[str, str]] = {2: {}, 3: {}, 4: {}} if has_remote else {2: {}, 3: {}}
+        blank = (5, 6) if has_remote else (4, 5)
+        rows, family_lines = _fold_families(p, [s.name for s in steps.values()], rows, counted,
+                                            args.expand, blank=blank)
+        if has_remote:
+            notes.append(f"remote: {store.remote_display}")
         _print_table(rows, header)
         print()
         for line in family_lines + [f"note: {n}" for n in notes]:
@@ -422,6 +484,7 @@ def _entry_for(p, store, step: str, verify: bool = True):
                               f"(removed by gc, or another --cache-dir?); {rerun}")
     if s.entry is None:
         raise WeightflowError(f"step '{step}' has no cached output: {s.reason}; {rerun}")
+    store.object_path(s.entry.digest)  # a remote entry's object is fetched (and checked) now
     lock = lockfile.read(p.lock_path)
     need = graph.needed(p, [step])
     unlocked = [n for n in p.steps if n in need and n not in lock]
@@ -435,12 +498,28 @@ def _entry_for(p, store, step: str, verify: bool = True):
     return s.entry, lock
 
 
-def _summary(entry) -> dict:
-    from weightflow.dsl.present.tensor_stats import summarize
+#: Version of the cached weights summary (``views/``): bump when ``summarize`` changes.
+SUMMARY_VERSION = 1
 
+
+def _summary(entry, store) -> dict:
+    """``show``'s weights summary of a stored object.  Computing it reads every weight (0.8 s
+    for a 23M-parameter model), and objects never change, so it is kept beside the store's
+    objects (``views/<digest>.json``, removed by ``gc`` with its object) and read back."""
+    from weightflow.dsl.present.tensor_stats import summarize
+    from weightflow.dsl.store.content import write_atomic
+
+    view = store.root / "views" / entry.digest[:2] / f"{entry.digest}.json"
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(view.read_text())
+        if isinstance(cached, dict) and cached.get("version") == SUMMARY_VERSION:
+            return cached["summary"]
     out = summarize(entry.path, entry.kind) if list(entry.path.glob("*.safetensors")) else {}
     with contextlib.suppress(OSError, ValueError):
         out["metadata"] = json.loads((entry.path / "weightflow.json").read_text())
+    with contextlib.suppress(OSError, TypeError, ValueError):  # a read-only store still shows
+        view.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(view, json.dumps({"version": SUMMARY_VERSION, "summary": out}).encode(), fsync=False)
     return out
 
 
@@ -460,7 +539,7 @@ def cmd_show(args) -> int:
         return node
 
     doc = {"step": args.step, "path": str(entry.path), "manifest": entry.manifest,
-           "summary": _summary(entry), "lineage": lineage(args.step)}
+           "summary": _summary(entry, store), "lineage": lineage(args.step)}
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
@@ -599,8 +678,10 @@ def cmd_gc(args) -> int:
     days = args.older_than
     if not math.isfinite(days) or days < 0:
         raise WeightflowError(f"--older-than expects a number of days >= 0, got {days:g}")
-    store = _store(args)
     keep_keys = set(lock_scope(args.locks))
+    if args.remote is not None:
+        return _gc_remote(args, keep_keys, days)
+    store = _store(args)
     doc = store.collect(keep_keys, days, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(doc))
@@ -645,6 +726,8 @@ def cmd_verify(args) -> int:
     store = _store(args)
     scope = lock_scope(args.pipelines) if args.pipelines else None
     deep = args.deep or verify_always_env()
+    if args.remote is not None:
+        return _verify_remote(args, store, scope, deep)
     doc = verify_store(store, scope, deep=deep, repair=args.repair)
     if args.json:
         print(json.dumps(doc))
@@ -666,6 +749,149 @@ def cmd_verify(args) -> int:
               + ("no problems" if not bad else f"{bad} problem{'s' if bad != 1 else ''}"
                  + (f", {fixed} discarded" if args.repair else "; --repair discards them")))
     return 0 if doc["ok"] else 1
+
+
+# -- the remote store: gc/verify on it, push and pull -----------------------------------
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _need_remote(args, what: str):
+    """The Store of ``args`` with its remote; a clear error when none is configured."""
+    store = _store(args)
+    if store.remote is None:
+        raise WeightflowError(f"{what} needs a remote store: pass --remote URL (s3://bucket/prefix, "
+                              "file:///path, ...), set $WEIGHTFLOW_REMOTE, or add `store: {remote: URL}` "
+                              "to the pipeline")
+    return store
+
+
+def _gc_remote(args, keep_keys: set[str], days: float) -> int:
+    """``gc --remote``: the remote's actions and objects, listed before anything is removed."""
+    from weightflow.dsl.store.remote import collect_remote
+
+    store = _need_remote(args, "gc --remote")
+    doc = collect_remote(store.remote, keep_keys, days, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    rows = [[r["step"] or "-", r["pipeline"] or "-", _size(r["bytes"]) if r["bytes"] else "-", r["key"][:12]]
+            for r in doc["removed"]]
+    if rows:
+        _print_table(rows, ["STEP", "PIPELINE", "SIZE", "KEY"])
+        print()
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{doc['remote']}: {verb} {doc['actions']} entries and {doc['objects']} objects "
+          f"({_size(doc['bytes'])}); kept {doc['kept_actions']} entries ({doc['kept_by_lock']} named by "
+          f"the lock files, the rest younger than {days:g} days) and {doc['kept_objects']} objects")
+    return 0
+
+
+def _verify_remote(args, store, scope, deep: bool) -> int:
+    """``verify --remote``: check the remote's entries (``--deep`` downloads and re-hashes)."""
+    from weightflow.dsl.store.remote import verify_remote
+
+    if store.remote is None:
+        store = _need_remote(args, "verify --remote")
+    if args.repair:
+        raise WeightflowError("verify --remote does not --repair; `gc --remote` removes entries, and a "
+                              "run recomputes and re-uploads a corrupt object")
+    import tempfile
+
+    doc = verify_remote(store.remote, scope, deep, Path(tempfile.mkdtemp(dir=store.root if
+                        store.root.is_dir() else None, prefix="verify-remote-")), warn=_view_warn)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        for p in doc["problems"]:
+            who = f"step '{p['step']}'" if p["step"] else "an unknown step"
+            obj = f", object {p['digest'][:12]}" if p["digest"] else ""
+            print(f"{p['problem']}: {who} (key {p['key'][:12]}{obj})"
+                  + (f": {p['detail']}" if p.get("detail") else ""))
+        for m in doc["missing"]:
+            _err(f"note: step '{m['step']}' of {m['pipeline']} is not in the remote (key {m['key'][:12]})")
+        bad = len(doc["problems"])
+        print(f"{doc['remote']}: checked {doc['checked']} entries ({doc['objects']} objects"
+              + (f", {doc['hashed_bytes'] / 1e6:.1f} MB downloaded and re-hashed" if deep else
+                 ", sizes checked; --deep downloads and re-hashes") + "): "
+              + ("no problems" if not bad else f"{bad} problem{'s' if bad != 1 else ''}"))
+    return 0 if doc["ok"] else 1
+
+
+def _locked_names(p, targets: list[str]) -> tuple[list[str], dict]:
+    """The steps of ``p``'s lock file that ``targets`` need (all locked steps without)."""
+    from weightflow.dsl.lang import graph
+    from weightflow.dsl.store import lockfile
+
+    if not p.lock_path.is_file():
+        raise WeightflowError(f"lock file not found: {p.lock_path} (run the pipeline first)")
+    lock = lockfile.read(p.lock_path)
+    need = graph.needed(p, targets) if targets else set(p.steps)
+    return [n for n in p.steps if n in need and n in lock], lock
+
+
+def _moved_output(args, rows: list[dict], verb: str, store) -> int:
+    moved = [r for r in rows if r["moved"]]
+    total = sum(r["bytes"] for r in moved)
+    if args.json:
+        print(json.dumps({"remote": store.remote_display, "steps": rows, "moved": len(moved), "bytes": total}))
+        return 0 if all(r["state"] != "missing" for r in rows) else 1
+    if rows:
+        _print_table([[r["step"], r["state"], _size(r["bytes"]) if r["moved"] else "-", (r["digest"] or "-")[:12]]
+                      for r in rows], ["STEP", "STATE", "SIZE", "DIGEST"])
+        print()
+    print(f"{verb} {len(moved)} entries ({_size(total)}) {'to' if verb == 'pushed' else 'from'} "
+          f"{store.remote_display}; {len(rows) - len(moved)} already there or missing")
+    return 0 if all(r["state"] != "missing" for r in rows) else 1
+
+
+def cmd_push(args) -> int:
+    """Upload the pipeline's locked entries that the remote does not hold."""
+    p = _load(args.pipeline, args)
+    store = _need_remote(args, "push")
+    names, lock = _locked_names(p, p.expand_names(args.target))
+    rows = []
+    for name in names:
+        e = lock[name]
+        entry = store._lookup_local(e.key, warn=_view_warn, touch=False)
+        row = {"step": name, "key": e.key, "digest": e.digest, "bytes": 0, "moved": False}
+        if entry is None:
+            row["state"] = "already there" if store.remote_has(e.key) else "missing"
+        elif store.remote_has(e.key) and store.remote.read_marker(entry.digest) is not None:
+            row["state"] = "already there"
+        else:
+            before = store.remote.transfer.upload_bytes
+            store.upload(entry)
+            row.update(state="pushed", moved=True, bytes=store.remote.transfer.upload_bytes - before)
+        rows.append(row)
+    return _moved_output(args, rows, "pushed", store)
+
+
+def cmd_pull(args) -> int:
+    """Download the pipeline's locked entries (those ``--target`` needs) the local store lacks."""
+    p = _load(args.pipeline, args)
+    store = _need_remote(args, "pull")
+    targets = p.expand_names(args.target)
+    _check_steps(p, targets, "--target")
+    names, lock = _locked_names(p, targets)
+    rows = []
+    for name in names:
+        e = lock[name]
+        row = {"step": name, "key": e.key, "digest": e.digest, "bytes": 0, "moved": False}
+        if store._lookup_local(e.key, touch=False) is not None:
+            row["state"] = "already there"
+        else:
+            before = store.remote.transfer.download_bytes
+            got = store.lookup(e.key, warn=_view_warn)
+            moved = got is not None
+            row.update(state="pulled" if moved else "missing", moved=moved,
+                       bytes=store.remote.transfer.download_bytes - before)
+        rows.append(row)
+    return _moved_output(args, rows, "pulled", store)
 
 
 def cmd_schema(args) -> int:
@@ -756,6 +982,10 @@ def build_parser() -> argparse.ArgumentParser:
         if cache:
             sp.add_argument("--cache-dir", help="store directory (default: $WEIGHTFLOW_CACHE or "
                             "~/.cache/weightflow)")
+            sp.add_argument("--remote", nargs="?", const="", default=None, metavar="URL",
+                            help="the remote store the local one caches: s3://bucket/prefix, "
+                            "file:///path, anything fsspec opens (default: $WEIGHTFLOW_REMOTE, then "
+                            "the pipeline's `store: {remote: URL}`); gc and verify: act on the remote")
         if json_:
             sp.add_argument("--json", action="store_true", help="print one JSON object")
         sp.set_defaults(func=func)
@@ -787,6 +1017,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --frozen: accept a step whose bytes differ from the lock only because the "
                     "lock was made on another platform (warns instead of failing)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sp.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local: one step at a time in this process (default); ray: every cache miss "
+                    "whose inputs are ready runs as a Ray task, independent steps at once")
+    sp.add_argument("--address", metavar="ADDR", default=None,
+                    help="with --backend ray: the cluster to join (ray://HOST:PORT, HOST:PORT or auto); "
+                    "default: start a local Ray sized to this machine")
+    sp.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                    help="with --backend ray: at most N CPUs' worth of steps at once (local Ray: N CPUs)")
+    sp.add_argument("--keep-going", action="store_true",
+                    help="with --backend ray: after a step fails, still run every step not downstream of it")
     _place_args(sp)
     sp = add("dag", cmd_dag, "print the step graph", json_=False)
     _expand_arg(sp)
@@ -867,6 +1107,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--deep", action="store_true", help="re-hash every byte, ignoring the memo")
     sp.add_argument("--repair", action="store_true",
                     help="discard what is bad (the entry; for a corrupt object, the object too)")
+    for verb, func, what in (("push", cmd_push, "upload a pipeline's locked entries to the remote store"),
+                             ("pull", cmd_pull, "download a pipeline's locked entries from the remote store")):
+        sp = add(verb, func, what, cache=True)
+        sp.add_argument("--target", action="append", default=[], metavar="STEP",
+                        help="only the entries STEP needs (repeatable; default: every locked step)")
+        _place_args(sp)
     add("schema", cmd_schema, "print the JSON Schema of the pipeline language", pipeline=False,
         json_=False)
     sp = add("ops", cmd_ops, "list every op with its parameters, or one op with its documentation",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import write_pipeline
 
@@ -56,6 +57,7 @@ def test_strict_run_records_cpu_strict_and_platform_drift_is_told_apart(tmp_path
     assert res.returncode == 1 and "not reproducible" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # platform-mode recording is also exercised by the two tests below
 def test_platform_mode_records_the_platform_and_cli_overrides_the_key(tmp_path):
     path = write_pipeline(tmp_path, PIPE.format(mode="platform"))
     res = wf("run", path, "--cache-dir", tmp_path / "cache")

@@ -187,6 +187,7 @@ def test_strict_digests_identical_across_isa_and_threads(tmp_path):
     assert "ATEN_CPU_CAPABILITY" in (list(results.values())[1]["overridden"] or "")
 
 
+@pytest.mark.slow  # the slow matrix; the fast strict test above is the one every run keeps
 @pytest.mark.skipif(not HAS_AVX2, reason="needs a CPU with AVX2 for two ATen kernel sets")
 def test_without_strict_the_environment_changes_digests(tmp_path):
     """The check above can fail: in platform mode the same environments give other bytes."""

@@ -162,6 +162,9 @@ TOP_LEVEL_DOCS = {
               "cached artifact on each use",
     "reproducible": "`platform` (default): digests hold on this platform, which the lock file "
                     "records; `strict`: CPU bytes that hold on any machine (slower)",
+    "store": "`{remote: URL}`: a shared remote store (`s3://bucket/prefix`, `file:///mnt/nfs/...`, "
+             "anything fsspec opens) that the local store caches; `--remote` and `$WEIGHTFLOW_REMOTE` "
+             "override it",
 }
 
 LANGUAGE_EXAMPLE = """\

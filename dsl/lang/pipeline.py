@@ -25,6 +25,7 @@ from weightflow.dsl.lang.spec import (
     DataFile,
     OpSpec,
     StepRef,
+    check_resources,
     field_markers,
     iter_values,
 )
@@ -37,7 +38,10 @@ from weightflow.dsl.lang.yamlsource import (
 
 SUPPORTED_VERSIONS = (1,)
 TOP_LEVEL_KEYS = ("weightflow", "name", "description", "seed", "dtype", "vars", "steps", "outputs",
-                  "verify", "reproducible")
+                  "verify", "reproducible", "store")
+# ``store: {remote: URL}``: the remote store this pipeline's local store caches (see
+# dsl/store/remote.py); ``--remote`` and $WEIGHTFLOW_REMOTE override it.  Never in a key.
+STORE_KEYS = ("remote",)
 # ``reproducible: strict`` pins CPU kernels, MKL's code path and the thread count so output
 # bytes do not depend on the machine (engine/repro.py); ``platform`` lets torch choose.
 REPRODUCIBLE_MODES = ("platform", "strict")
@@ -85,6 +89,9 @@ class Step:
     # are in ``params`` already, and names never do.
     family: str | None = None
     matrix: dict[str, Any] = field(default_factory=dict)
+    # ``resources:`` (cpus/gpus/memory) for a distributed backend's placement; not a
+    # parameter and never in the key: where a step runs does not change its bytes.
+    resources: dict[str, Any] = field(default_factory=dict)
 
     def params_json(self) -> dict:
         return self.params.model_dump(mode="json", by_alias=True)
@@ -151,6 +158,7 @@ class Pipeline:
     warnings: list[Diagnostic] = field(default_factory=list)
     verify: str = "changed"  # or "always": see VERIFY_MODES
     reproducible: str = "platform"  # or "strict": see REPRODUCIBLE_MODES
+    store_remote: str | None = None  # ``store: {remote: URL}``, or None
     # Where the lock file is read and written when not beside the pipeline (the CLI's
     # --out / --lock, so a library recipe runs without writing into the checkout), and
     # the outputs written as relative paths (as written), which --out DIR re-roots.
@@ -349,7 +357,7 @@ def _family_key_ok(key: Any, where: tuple, kind: str, raw: dict, name: str, col:
     elif _MEMBER_VALUE_FORBIDDEN.search(key) or "." in key:
         col.at_key(where, f"{kind} key {_short(key)} cannot name a parameter: it holds characters "
                    "member names use as separators", name)
-    elif key in FAMILY_KEYS or key == "op":
+    elif key in FAMILY_KEYS or key in ("op", "resources"):
         col.at_key(where, f"'{key}' cannot vary inside a family; write one step per {key}", name)
     elif key in raw and key not in _matrix_variables(raw):
         col.at_key(where, f"parameter '{key}' is set both in the step and in its {kind}; "
@@ -871,6 +879,28 @@ def _param_names(spec: OpSpec, raw: dict) -> set[str]:
     return names
 
 
+def _store_remote(raw: Any, col: _Collector) -> str | None:
+    """The ``store: {remote: URL}`` key's URL (None when absent), its errors reported."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        col.at_value(("store",), f"'store' must be a mapping such as {{remote: s3://bucket/prefix}}, "
+                     f"got {_short(raw)}")
+        return None
+    for key in raw:
+        if key not in STORE_KEYS:
+            col.at_key(("store", key), f"unknown key '{key}' in 'store'{did_you_mean(str(key), STORE_KEYS)}; "
+                       f"expected one of: {', '.join(STORE_KEYS)}")
+    url = raw.get("remote")
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url.strip():
+        col.at_value(("store", "remote"), "'store.remote' must be a URL fsspec opens (s3://bucket/prefix, "
+                     f"file:///path, ...), got {_short(url)}")
+        return None
+    return url.strip()
+
+
 def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collector, base_dir: Path,  # noqa: C901
                    member: bool = False):
     """The validated step ``raw`` (None after reporting its problems).  ``member``: ``name``
@@ -893,7 +923,14 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
                      f"{did_you_mean(op_name, ops) if isinstance(op_name, str) else ''}; "
                      f"known ops: {', '.join(ops)}", name)
         return None
-    params_raw = {k: v for k, v in raw.items() if k != "op"}
+    params_raw = {k: v for k, v in raw.items() if k not in ("op", "resources")}
+    resources: dict[str, Any] = {}
+    if "resources" in raw:
+        try:
+            resources = check_resources(raw["resources"])
+        except ValueError as exc:
+            col.at_value(path + ("resources",), str(exc), name)
+            return None
     for k in list(params_raw):
         if not isinstance(k, str):
             col.at_key(path + (k,), f"parameter names must be strings, got {_short(k)}", name)
@@ -919,7 +956,7 @@ def _validate_step(name, raw, path: tuple, pipeline_defaults: dict, col: _Collec
     if strict:
         return None
     key_mark = col.pos.key(path)
-    step = Step(name=name, op=spec, params=params, line=key_mark.line, col=key_mark.col)
+    step = Step(name=name, op=spec, params=params, line=key_mark.line, col=key_mark.col, resources=resources)
     for fpath, value, marker in field_markers(params):
         for sub, item in iter_values(value):
             if isinstance(marker, StepRef):
@@ -1015,6 +1052,7 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
     if verify not in VERIFY_MODES:
         col.at_value(("verify",), f"'verify' must be one of {', '.join(VERIFY_MODES)}, got {_short(verify)}")
         verify = "changed"
+    store_remote = _store_remote(data.get("store"), col)
     defaults = {"seed": seed, "dtype": dtype}
     steps: dict[str, Step] = {}
     families: dict[str, list[FamilyMember]] = {}
@@ -1098,6 +1136,7 @@ def _parse_text(text: str, path: Path, filename: str, var_overrides: dict) -> Pi
         display=filename,
         verify=verify,
         reproducible=reproducible,
+        store_remote=store_remote,
         families=families,
         relative_outputs=relative_outputs,
     )

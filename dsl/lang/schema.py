@@ -48,6 +48,23 @@ def _allow_vars(schema: dict) -> None:
             _allow_vars(sub)
 
 
+_SIZE = r"^\s*[0-9]+(\.[0-9]+)?\s*([KkMmGgTt]([Ii]?[Bb])?|[Bb])?\s*$"  # spec.parse_memory's forms
+# A step's placement on a distributed backend (not a parameter; never in the key).
+RESOURCES = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "cpus": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"const": "all"}],
+                 "description": "CPUs one run needs (all: every CPU of a worker)"},
+        "gpus": {"type": "number", "minimum": 0, "description": "GPUs one run needs (device: cuda: 1)"},
+        "memory": {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
+                             {"type": "string", "pattern": _SIZE}],
+                   "description": "memory one run needs: bytes, or a size such as 16GB or 512MiB"},
+    },
+    "description": "what a run of this step needs from a worker of `--backend ray` (task num_cpus/"
+    "num_gpus/memory); defaults come from the op; not part of the step's key",
+}
+
+
 def _family_keys(schema: dict, fixed: tuple[str, ...]) -> None:
     """Let an op's step schema be a family: ``matrix:`` (parameter -> list of values) or
     ``foreach:`` (a list of parameter -> value mappings), whose keys are the op's parameters.
@@ -83,6 +100,7 @@ def _step_schema(spec, defs: dict) -> dict:
         schema["required"] = ["op", *schema.get("required", [])]
         schema["additionalProperties"] = False
         _family_keys(schema, ("op",))
+        schema["properties"]["resources"] = RESOURCES
         return schema
     # a discriminated union: add `op` to each variant
     variants = []
@@ -94,6 +112,7 @@ def _step_schema(spec, defs: dict) -> dict:
         target["required"] = ["op", *target.get("required", [])]
         target["additionalProperties"] = False
         _family_keys(target, ("op", spec.discriminator))
+        target["properties"]["resources"] = RESOURCES
         variants.append(target)
     return {"oneOf": variants, "description": spec.summary()}
 
@@ -128,6 +147,12 @@ def language_schema() -> dict[str, Any]:
                              "description": "strict: output bytes independent of the CPU model, its "
                              "instruction sets and the thread count (slower); platform: torch's fastest "
                              "kernels, digests hold for this platform"},
+            "store": {"type": "object", "additionalProperties": False,
+                      "properties": {"remote": {"type": "string", "minLength": 1,
+                                                "description": "a URL fsspec opens: s3://bucket/prefix, "
+                                                "gs://..., file:///mnt/nfs/..."}},
+                      "description": "the remote store the local store caches (read-through, "
+                      "write-through); --remote and $WEIGHTFLOW_REMOTE override it"},
             "verify": {"enum": ["changed", "always"], "default": "changed",
                        "description": "re-hash cached entries and inputs only when their files changed "
                        "(size, mtime, inode), or on every read"},
