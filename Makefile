@@ -60,7 +60,7 @@ lint: $(STAMP)
 
 # both cores: most tests spend their time in subprocesses and model loading
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -176,6 +176,7 @@ def _two_envs() -> dict[str, dict]:
                                   "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE"}}
 
 
+@pytest.mark.slow  # every fast run already compares strict golden digests recorded on another setup
 def test_strict_digests_identical_across_isa_and_threads(tmp_path):
     results = {name: run_in(env, "strict", tmp_path / f"env{i}", FAST_STEPS)
                for i, (name, env) in enumerate(_two_envs().items())}
