@@ -137,4 +137,5 @@ def run(inputs, params: FinetuneParams, ctx) -> dict:  # noqa: C901
 
 
 OP = OpSpec[FinetuneParams](name="finetune", version=1, output=Kind.MODEL, params=FinetuneParams, run=run,
-                            doc=__doc__, preflight=preflight)
+                            doc=__doc__, preflight=preflight,
+                            resources={"cpus": "all"})  # its threads use every CPU of a worker

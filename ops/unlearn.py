@@ -268,4 +268,5 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
 
 # params: built per method registry by ``params_model`` (a TrainParams subclass), so Any here
 OP = OpSpec[Any](name="unlearn", version=1, output=Kind.MODEL, params=UnlearnParams, run=run,
-                 doc=op_doc(METHODS), preflight=preflight)
+                 doc=op_doc(METHODS), preflight=preflight,
+                 resources={"cpus": "all"})  # its threads use every CPU of a worker

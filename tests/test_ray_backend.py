@@ -185,17 +185,18 @@ def test_a_worker_that_imported_torch_too_early_fails_the_step_clearly(tmp_path,
 def test_resources_mapping():
     from weightflow.dsl.engine.ray_backend import task_resources
     from weightflow.dsl.lang.spec import check_resources, parse_memory
+    from weightflow.ops.finetune import OP as FINETUNE
 
-    assert task_resources("merge", None, None) == {"num_cpus": 1.0, "num_gpus": 0.0}
-    assert task_resources("finetune", None, "cpu", worker_cpus=8) == {"num_cpus": 8.0, "num_gpus": 0.0}
-    assert task_resources("finetune", {"cpus": 2}, "cuda", worker_cpus=8) == {"num_cpus": 2.0, "num_gpus": 1.0}
-    assert task_resources("merge", {"gpus": 0}, "cuda")["num_gpus"] == 0.0  # an explicit gpus wins
-    assert task_resources("merge", {"cpus": 4, "gpus": 1, "memory": "16GB"}, None) == \
+    assert task_resources(None, None) == {"num_cpus": 1.0, "num_gpus": 0.0}  # an op declaring none: 1 CPU
+    assert task_resources(None, "cpu", FINETUNE.resources, worker_cpus=8) == {"num_cpus": 8.0, "num_gpus": 0.0}
+    assert task_resources({"cpus": 2}, "cuda", FINETUNE.resources, worker_cpus=8) == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert task_resources({"gpus": 0}, "cuda")["num_gpus"] == 0.0  # an explicit gpus wins
+    assert task_resources({"cpus": 4, "gpus": 1, "memory": "16GB"}, None) == \
         {"num_cpus": 4.0, "num_gpus": 1.0, "memory": 16 * 10**9}
     # an op's default, overridden key by key
-    assert task_resources("x", {"gpus": 2}, None, {"cpus": 3, "memory": "1GiB"}) == \
+    assert task_resources({"gpus": 2}, None, {"cpus": 3, "memory": "1GiB"}) == \
         {"num_cpus": 3.0, "num_gpus": 2.0, "memory": 2**30}
-    assert task_resources("x", {"cpus": "all"}, None, worker_cpus=6)["num_cpus"] == 6.0
+    assert task_resources({"cpus": "all"}, None, worker_cpus=6)["num_cpus"] == 6.0
     assert parse_memory("512MiB") == 512 * 2**20 and parse_memory(1000) == 1000 and parse_memory("1.5g") == 1.5e9
     for bad in ("lots", "-1GB", "16 parsecs", 0, True):
         with pytest.raises(ValueError, match="memory"):

@@ -34,8 +34,6 @@ from weightflow.dsl.store.content import Entry, Store
 #: How often Ray re-runs a task whose worker process died (not one whose op raised).
 MAX_RETRIES = 2
 
-#: Default resources of ops that use a whole worker (training); any other op: one CPU.
-_WHOLE_WORKER_OPS = ("finetune", "unlearn")
 
 class RayUnavailable(WeightflowError):
     exit_code = 2
@@ -47,19 +45,17 @@ class RayRunFailed(WeightflowError):
     exit_code = 1
 
 
-def task_resources(op_name: str, declared: Mapping[str, Any] | None, device: str | None,
+def task_resources(declared: Mapping[str, Any] | None, device: str | None,
                    op_default: Mapping[str, Any] | None = None,
                    worker_cpus: float = 1.0) -> dict[str, float | int]:
     """The Ray task options (``num_cpus``, ``num_gpus``, ``memory``) of one step.
 
     ``declared``: the step's ``resources:`` (wins key by key); else the op's default
-    (``op_default``; without one: a training op takes ``worker_cpus``, the CPUs of the
-    largest worker, since its threads use them all; any other op one CPU).  ``device: cuda``
+    (``op_default``, its declaration's ``resources``: training ops say ``cpus: all``, the
+    CPUs of the largest worker, since their threads use them all; without one, one CPU).  ``device: cuda``
     implies one GPU unless ``gpus`` says otherwise.  ``cpus: all`` means ``worker_cpus``.
     """
     merged: dict[str, Any] = dict(op_default or {})
-    if not merged and op_name in _WHOLE_WORKER_OPS:
-        merged["cpus"] = "all"
     merged.update(declared or {})
     cpus = merged.get("cpus", 1)
     num_cpus = float(worker_cpus) if cpus == "all" else float(cpus)
@@ -297,7 +293,7 @@ class RayRunner(Runner):
     def _options(self, name: str, worker_cpus: float) -> dict[str, Any]:
         step = self.p.steps[name]
         device = getattr(step.params, "device", None)
-        res = task_resources(step.op.name, getattr(step, "resources", None), str(device) if device else None,
+        res = task_resources(getattr(step, "resources", None), str(device) if device else None,
                              getattr(step.op, "resources", None), worker_cpus)
         if self.jobs:
             res["num_cpus"] = min(res["num_cpus"], float(self.jobs))
