@@ -98,11 +98,13 @@ def test_same_lock_file_and_digests_as_a_local_run(tmp_path, models, ray_local):
 def test_independent_steps_run_at_once(tmp_path, models, ray_local):
     import json
 
+    # long enough (300 steps) that a second worker started cold (importing torch) still overlaps
+    # the first: with 4 steps the first had finished before the second worker was up
     data = tmp_path / "train.jsonl"  # pre-tokenized: the tiny model has no tokenizer
     data.write_text("".join(json.dumps({"input_ids": [(7 * i + j) % 250 + 1 for j in range(24)]}) + "\n"
                             for i in range(32)))
     steps = "".join(
-        f"  ft{i}: {{op: finetune, model: base, data: train.jsonl, max_steps: 4, learning_rate: 0.01, "
+        f"  ft{i}: {{op: finetune, model: base, data: train.jsonl, max_steps: 300, learning_rate: 0.01, "
         f"batch_size: 4, seed: {i}, resources: {{cpus: 1}}}}\n" for i in (1, 2))
     path = write_pipeline(tmp_path, f"weightflow: 1\nreproducible: strict\nsteps:\n"
                           f"  base: {{op: load, source: {models['base']}}}\n{steps}")
