@@ -163,3 +163,17 @@ def s3_server(_moto_server, monkeypatch) -> S3Server:
     server = S3Server(_moto_server)
     server.reset()
     return server
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: ``cli(*args) -> (exit status, stdout, stderr)`` (a test
+    module that defines its own ``cli`` function uses that one instead)."""
+    from weightflow.dsl.cli import main
+
+    def call(*args):
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+    return call

@@ -19,18 +19,6 @@ SMALL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num
          "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64, "max_position_embeddings": 64}
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process: (exit status, stdout, stderr)."""
-    from weightflow.dsl.cli import main
-
-    def call(*args):
-        capsys.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return rc, out, err
-    return call
-
 
 def lock(path) -> dict:
     return yaml.safe_load(path.with_suffix(".lock").read_text())["steps"]

@@ -28,18 +28,6 @@ steps:
 MARKER = "weightflow-export.json"
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process: (exit status, stdout, stderr)."""
-    from weightflow.dsl.cli import main
-
-    def call(*args):
-        capsys.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return rc, out, err
-    return call
-
 
 @pytest.fixture
 def project(tmp_path, store_dir, cli):

@@ -16,18 +16,6 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 MARKER = "weightflow-export.json"
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process: (exit status, stdout, stderr)."""
-    from weightflow.dsl.cli import main
-
-    def call(*args):
-        capsys.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return rc, out, err
-    return call
-
 
 def front_matter(card: str) -> dict:
     assert card.startswith("---\n")
