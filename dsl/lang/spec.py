@@ -34,6 +34,7 @@ class Kind(str, enum.Enum):
     MODEL = "Model"
     DELTA = "Delta"
     REPORT = "Report"
+    STATS = "Stats"  # calibration statistics of a model (Gram matrices, Fisher diagonals)
 
 
 @dataclass(frozen=True)
