@@ -125,29 +125,70 @@ def max_length(subject: Subject, asked: int | None) -> int:
 
 # -- token scoring shared by perplexity, multiple choice and the losses ----------------------
 
+def forward_batches(model, seqs: list[list[int]], batch_size: int, pad: int,
+                    device: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, logits row) of every sequence of ``seqs``, run longest first in right-padded
+    batches with attention masks; a row's logits are valid up to the sequence's length."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            x = seqs[i]
+            ids[r, :len(x)] = torch.tensor(x)
+            attn[r, :len(x)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+        for r, i in enumerate(idx):
+            yield i, logits[r]
+
+
 def score_windows(model, windows: list[tuple[list[int], list[int], int]], batch_size: int,
                   pad: int, device: str) -> list[float]:
     """Σ log p(y_t | x_≤t) over the last ``n`` positions of each window (x, y, n)."""
     import torch.nn.functional as F
 
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     out = [0.0] * len(windows)
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
-        width = max(len(windows[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            x = windows[i][0]
-            ids[r, :len(x)] = torch.tensor(x)
-            attn[r, :len(x)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-        for r, i in enumerate(idx):
-            x, y, n = windows[i]
-            t = len(x)
-            lp = F.log_softmax(logits[r, t - n:t].float(), dim=-1)
-            tgt = torch.tensor(y[t - n:t], device=lp.device)
-            out[i] = float(lp.gather(1, tgt.unsqueeze(1)).double().sum())
+    for i, logits in forward_batches(model, [w[0] for w in windows], batch_size, pad, device):
+        x, y, n = windows[i]
+        t = len(x)
+        lp = F.log_softmax(logits[t - n:t].float(), dim=-1)
+        tgt = torch.tensor(y[t - n:t], device=lp.device)
+        out[i] = float(lp.gather(1, tgt.unsqueeze(1)).double().sum())
+    return out
+
+
+@dataclass
+class TokenScores:
+    """Per scored token of one example: log p of the gold token, the mean μ and standard
+    deviation σ of log p under the model's own next-token distribution (Min-K%++'s
+    normalisers), and whether the gold token is the argmax (greedy) prediction."""
+
+    logp: list[float]
+    mu: list[float]
+    sigma: list[float]
+    hit: list[bool]
+    ids: list[int]  # the gold tokens scored
+
+
+def token_windows(model, windows: list[tuple[list[int], list[int], int]], batch_size: int,
+                  pad: int, device: str) -> list[TokenScores]:
+    """``TokenScores`` over the last ``n`` positions of each window (x, y, n), in float64."""
+    import torch.nn.functional as F
+
+    out: list = [None] * len(windows)
+    for i, logits in forward_batches(model, [w[0] for w in windows], batch_size, pad, device):
+        x, y, n = windows[i]
+        t = len(x)
+        lp = F.log_softmax(logits[t - n:t].float(), dim=-1).double()
+        tgt = torch.tensor(y[t - n:t], device=lp.device)
+        p = lp.exp()
+        mu = (p * lp).sum(-1)
+        sigma = ((p * lp * lp).sum(-1) - mu * mu).clamp_min(0).sqrt()
+        gold_lp = lp.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        out[i] = TokenScores(gold_lp.tolist(), mu.tolist(), sigma.tolist(),
+                             (lp.argmax(-1) == tgt).tolist(), y[t - n:t])
     return out
 
 
@@ -175,6 +216,57 @@ def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tup
 # -- per-example losses: the ``loss`` metric and everything built on it ----------------------
 # ``m`` carries the encoding params of ``loss.ScoredText`` (text/prompt/response fields, ...).
 
+def encode_prompt(subject: Subject, prompt: str, chat_template: bool) -> list[int]:
+    """A prompt's tokens: the user turn of the tokenizer's chat template (generation prompt
+    appended) with ``chat_template``, else the plain encoding with special tokens."""
+    tok = subject.need_tokenizer("prompt/response text")
+    if chat_template:
+        if not getattr(tok, "chat_template", None):
+            raise OpError("chat_template: the model's tokenizer has no chat template")
+        head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=True)
+        return list(head["input_ids"] if hasattr(head, "keys") else head)
+    return list(tok(prompt)["input_ids"])
+
+
+def encode_prompt_response(subject: Subject, prompt: str, response: str,
+                           chat_template: bool) -> tuple[list[int], list[bool]]:
+    """(ids, scored): the prompt (unscored) then the response and EOS (scored), as
+    finetune/unlearn encode prompt/response records."""
+    tok = subject.need_tokenizer("loss on prompt/response text")
+    eos = getattr(tok, "eos_token_id", None)
+    head = encode_prompt(subject, prompt, chat_template)
+    tail = tok(response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    return head + tail, [False] * len(head) + [True] * len(tail)
+
+
+def generate_greedy(subject: Subject, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    chat_template: bool) -> list[str]:
+    """Greedy answers to ``prompts`` (through the chat template where asked and the tokenizer
+    has one), generated in left-padded batches; special tokens are dropped from the text."""
+    tok = subject.need_tokenizer("generation")
+    use_chat = bool(chat_template and getattr(tok, "chat_template", None))
+    encoded = [encode_prompt(subject, p, use_chat) for p in prompts]
+    model = subject.model
+    pad = models.pad_id(model, tok)
+    eos = getattr(tok, "eos_token_id", None)
+    answers = []
+    for lo in range(0, len(encoded), batch_size):
+        chunk = encoded[lo:lo + batch_size]
+        width = max(len(x) for x in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, x in enumerate(chunk):  # left padding: generation continues from the right end
+            ids[r, width - len(x):] = torch.tensor(x)
+            attn[r, width - len(x):] = 1
+        gen = model.generate(input_ids=ids.to(subject.device), attention_mask=attn.to(subject.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             eos_token_id=eos, temperature=None, top_p=None, top_k=None)
+        for r in range(len(chunk)):
+            answers.append(tok.decode(gen[r, width:], skip_special_tokens=True))
+    return answers
+
+
 def loss_examples(subject: Subject, m, path: Path) -> list[tuple[list[int], list[bool]]]:
     """(ids, scored) per record, encoded as finetune/unlearn encode their data."""
     rows = read_records(path, m.limit)
@@ -188,18 +280,8 @@ def loss_examples(subject: Subject, m, path: Path) -> list[tuple[list[int], list
             ids = check_ids(path, i, row["input_ids"], vocab)
             scored = [True] * len(ids)
         elif m.prompt_field is not None:
-            tok = subject.need_tokenizer("loss on prompt/response text")
-            prompt, response = str(row[m.prompt_field]), str(row[m.response_field])
-            if m.chat_template:
-                if not getattr(tok, "chat_template", None):
-                    raise OpError("chat_template: the model's tokenizer has no chat template")
-                head = tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                               add_generation_prompt=True, tokenize=True)
-                head = list(head["input_ids"] if hasattr(head, "keys") else head)
-            else:
-                head = tok(prompt)["input_ids"]
-            tail = tok(response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-            ids, scored = head + tail, [False] * len(head) + [True] * len(tail)
+            ids, scored = encode_prompt_response(subject, str(row[m.prompt_field]), str(row[m.response_field]),
+                                                 m.chat_template)
         else:
             tok = subject.need_tokenizer("loss on text")
             ids = tok(str(row[m.text_field]))["input_ids"]

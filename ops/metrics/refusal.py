@@ -47,46 +47,17 @@ def _fold(text: str) -> str:
 
 
 def refusal(subject, m: RefusalMetric, ctx) -> tuple[dict, dict]:
-    import torch
-
-    from weightflow.ops.lib import models
-    from weightflow.ops.metrics._scoring import require_causal
+    from weightflow.ops.metrics._scoring import generate_greedy, require_causal
 
     require_causal(subject, "refusal")
-    tok = subject.need_tokenizer("refusal (generation)")
+    subject.need_tokenizer("refusal (generation)")
     path = ctx.data_path(m.prompts)
     if path.suffix == ".txt":
         prompts = [r["text"] for r in read_records(path, m.limit)]
     else:
         prompts = [str(r[m.prompt_field]) for r in read_records(path, m.limit)]
-    use_chat = m.chat_template and getattr(tok, "chat_template", None)
-    encoded = []
-    for p in prompts:
-        if use_chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        else:
-            ids = tok(p)["input_ids"]
-        encoded.append(ids)
-    model = subject.model
-    pad = models.pad_id(model, tok)
-    eos = getattr(tok, "eos_token_id", None)
+    answers = generate_greedy(subject, prompts, m.max_new_tokens, m.batch_size, m.chat_template)
     markers = [_fold(x) for x in m.markers]
-    answers = []
-    for lo in range(0, len(encoded), m.batch_size):
-        chunk = encoded[lo:lo + m.batch_size]
-        width = max(len(x) for x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, x in enumerate(chunk):  # left padding: generation continues from the right end
-            ids[r, width - len(x):] = torch.tensor(x)
-            attn[r, width - len(x):] = 1
-        gen = model.generate(input_ids=ids.to(subject.device), attention_mask=attn.to(subject.device),
-                             max_new_tokens=m.max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=eos, temperature=None, top_p=None, top_k=None)
-        for r in range(len(chunk)):
-            answers.append(tok.decode(gen[r, width:], skip_special_tokens=True))
     refused = [any(mk in _fold(a) for mk in markers) for a in answers]
     details = {"answers": [{"prompt": p, "answer": a, "refused": r}
                            for p, a, r in zip(prompts, answers, refused, strict=True)]}
