@@ -3,6 +3,7 @@ committed).  ``make quickstart`` runs this before ``examples/quickstart.yaml``.
 
     python examples/prepare.py               # quickstart: MiniLM + gensim + chatterbot data
     python examples/prepare.py --smollm2     # also the SmolLM2 example's model and data
+    python examples/prepare.py --tofu        # also the TOFU-style benchmark (examples/tofu.py)
 
 What it writes (git-ignored, rebuilt identically every time: fixed seeds, sorted inputs):
 
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smollm2", action="store_true", help="also prepare examples/smollm2.yaml")
     ap.add_argument("--no-quickstart", action="store_true", help="skip the quickstart's assets")
+    ap.add_argument("--tofu", action="store_true", help="also write the TOFU-style benchmark (examples/tofu.py) "
+                    "into examples/data/tofu/")
     args = ap.parse_args(argv)
     models, data = HERE / "models", HERE / "data"
     models.mkdir(exist_ok=True)
@@ -227,6 +230,12 @@ def main(argv: list[str] | None = None) -> None:
         quickstart(models, data)
     if args.smollm2:
         smollm2(models, data)
+    if args.tofu:
+        sys.path.insert(0, str(HERE))
+        import tofu
+
+        counts = tofu.write(data / "tofu")
+        print("tofu: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" records in {data / 'tofu'}")
 
 
 if __name__ == "__main__":
