@@ -371,7 +371,7 @@ def cmd_dag(args) -> int:
                     members = p.families[step.family]
                     name = f"{step.family}@* ({len(members)} members)"
             arrow = f" <- {', '.join(srcs)}" if srcs else ""
-            print(f"{name} ({step.op.name}: {step.op.output.value}){arrow}")
+            print(f"{name} ({step.op.name}: {step.output.value}){arrow}")
     return 0
 
 

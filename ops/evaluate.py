@@ -18,9 +18,9 @@ from weightflow.dsl.lang.diagnostics import OpError
 from weightflow.dsl.lang.spec import (
     DataFile,
     Kind,
-    ModelRef,
     OpParams,
     OpSpec,
+    ScorableRef,
     SeedParam,
     StepRef,
     field_markers,
@@ -92,8 +92,8 @@ def metric_of(item) -> tuple[Metric, MetricParams]:
 class EvaluateParams(SeedParam):
     """Which models, which metrics."""
 
-    models: list[ModelRef] = Field(min_length=1, description="the steps whose models are scored "
-                                   "(one step or a list)")
+    models: list[ScorableRef] = Field(min_length=1, description="the steps whose models (or composites) are "
+                                      "scored (one step or a list)")
     metrics: list[MetricItem] = Field(min_length=1, description="one-key mappings: " + ", ".join(METRICS))
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the models run")
     seed: int | None = Field(None, ge=0, description="seed for lm-eval's few-shot sampling "
@@ -325,6 +325,10 @@ def run(inputs, params: EvaluateParams, ctx) -> dict:
                     values, details = score["values"], score["details"]
                 else:
                     subject.metric_index, subject.metric_name = j, metric.name
+                    if art.kind == Kind.COMPOSITE and not metric.scores_composites:
+                        raise OpError(f"metric '{metric.name}' reads a model's weights, and step '{art.step}' is a "
+                                      "Composite (a rule over several models): score it with metrics that need "
+                                      "only forward passes or generation")
                     bar.set_postfix_str(f"{art.step}: {names[j]}")
                     started = time.perf_counter()
                     values, details = metric.compute(subject, m, ctx)

@@ -309,7 +309,7 @@ class Runner:
             self._digest_differs(name, lock[name], entry.digest, made_on, versions)
         st.digests[name] = entry.digest
         st.names.setdefault(entry.digest, name)
-        st.live[name] = Artifact(kind=step.op.output, digest=entry.digest, path=entry.path, step=name)
+        st.live[name] = Artifact(kind=step.output, digest=entry.digest, path=entry.path, step=name)
         st.new_lock[name] = _lock_entry(lock.get(name), lockfile.LockEntry(step.op.name, key, entry.digest,
                                                                            made_on, versions))
         st.statuses[name] = status
@@ -368,7 +368,7 @@ class Runner:
             art = live.get(edge.source)
             if art is None:  # released early or produced by another run: rebuild handle
                 src = self.p.steps[edge.source]
-                art = Artifact(src.op.output, digests[edge.source],
+                art = Artifact(src.output, digests[edge.source],
                                self.store.object_path(digests[edge.source]), edge.source)
             refs[tuple(edge.field)] = art  # by field path, e.g. ('metrics', 2, 'delta_norm', 'base')
         return Inputs(refs)
@@ -407,7 +407,7 @@ class Runner:
                 meta = step.op.run(inputs, step.params, ctx) or {}
                 for w in ctx.writers:
                     w.abort()  # no-op after close(); closes files if the op forgot
-                digest = self._digest(out, ctx, step.op.output.value, meta)
+                digest = self._digest(out, ctx, step.output.value, meta)
             except StepFailed:
                 raise
             except WeightflowError as exc:
@@ -424,7 +424,7 @@ class Runner:
                 raise StepFailed(name, _internal(exc), self._where(name)) from exc
             seconds = time.perf_counter() - started
             manifest = {
-                "kind": step.op.output.value,
+                "kind": step.output.value,
                 "op": step.op.name,
                 "op_version": step.op.version,
                 "step": name,

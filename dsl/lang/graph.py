@@ -54,12 +54,12 @@ def check_graph(pipeline, all_names: set[str], filename: str) -> list[Diagnostic
             src = pipeline.steps.get(edge.source)
             if src is None:
                 continue  # that step is invalid itself and already reported
-            if src.op.output not in edge.kinds:
+            if src.output not in edge.kinds:
                 wanted = " or ".join(k.value for k in edge.kinds)
                 diags.append(Diagnostic(
                     filename, mark.line, mark.col,
                     f"type mismatch: '{field_name}' expects a {wanted}, but step '{edge.source}' "
-                    f"(op '{src.op.name}') produces a {src.op.output.value}", name))
+                    f"(op '{src.op.name}') produces a {src.output.value}", name))
     g = build(pipeline)
     reported: set[frozenset] = set()
     for cycle in _cycles(g):

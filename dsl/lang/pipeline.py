@@ -23,6 +23,7 @@ from weightflow.dsl.lang import registry
 from weightflow.dsl.lang.diagnostics import Diagnostic, PipelineError, did_you_mean
 from weightflow.dsl.lang.spec import (
     DataFile,
+    Kind,
     OpSpec,
     StepRef,
     check_resources,
@@ -95,6 +96,11 @@ class Step:
 
     def params_json(self) -> dict:
         return self.params.model_dump(mode="json", by_alias=True)
+
+    @property
+    def output(self) -> Kind:
+        """The kind this step produces (its op's, or what its params make it)."""
+        return self.op.kind_of(self.params)
 
 
 @dataclass(frozen=True)
@@ -850,7 +856,7 @@ def _tags(spec: OpSpec) -> list[str]:
         for m in getattr(member, "__args__", ()) or (member,):
             f = getattr(m, "model_fields", {}).get(spec.discriminator)
             if f is not None and getattr(f.annotation, "__args__", None):
-                tags.extend(f.annotation.__args__)
+                tags.append(f.annotation.__args__[0])  # the canonical name; the others are aliases
     return sorted(set(map(str, tags)))
 
 

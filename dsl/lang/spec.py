@@ -35,6 +35,7 @@ class Kind(str, enum.Enum):
     DELTA = "Delta"
     REPORT = "Report"
     STATS = "Stats"  # calibration statistics of a model (Gram matrices, Fisher diagonals)
+    COMPOSITE = "Composite"  # a rule over stored models (contrast, ensemble, guarded): see ops/lib/composite.py
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ class DataFile:
 
 
 ModelRef = Annotated[str, StepRef((Kind.MODEL,))]
+# what evaluate and export take: a model, or a composite of models (scored by forward passes)
+ScorableRef = Annotated[str, StepRef((Kind.MODEL, Kind.COMPOSITE))]
 DeltaRef = Annotated[str, StepRef((Kind.DELTA,))]
+StatsRef = Annotated[str, StepRef((Kind.STATS,))]  # collect-stats: Gram matrices, Fisher diagonals
 DataPath = Annotated[str, DataFile()]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Dtype = Annotated[str, Field(pattern=r"^(float32|float16|bfloat16)$")]
@@ -161,6 +165,19 @@ class OpSpec(Generic[P]):
     # step's ``resources:`` writes it ({cpus: 1, gpus: 0, memory: 4GB}; cpus: all = every
     # CPU of a worker); a step's own ``resources:`` wins key by key.  Never in the key.
     resources: Mapping[str, Any] | None = None
+    # The kind a step of this op produces when it depends on the step's params (unlearn's
+    # ``method: uld`` gives a Composite, its other methods a Model): ``output_for(params)``.
+    # ``output`` is then the usual kind, shown in docs; ``outputs`` lists every possible one.
+    output_for: Callable[[P], Kind] | None = None
+    other_outputs: tuple[Kind, ...] = ()
+
+    def kind_of(self, params: Any) -> Kind:
+        """The kind a step with ``params`` produces."""
+        return self.output_for(params) if self.output_for is not None else self.output
+
+    @property
+    def outputs(self) -> tuple[Kind, ...]:
+        return (self.output, *self.other_outputs)
 
     @property
     def adapter(self) -> TypeAdapter:

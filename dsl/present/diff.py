@@ -534,7 +534,7 @@ def compare_reports(old: Analysed, new: Analysed, pairs: dict[str, str], store: 
         return []
     out = []
     for old_name, name in pairs.items():
-        if new.pipeline.steps[name].op.output != Kind.REPORT:
+        if new.pipeline.steps[name].output != Kind.REPORT:
             continue
         rold, dold = _report_of(old, old_name, store, trust_lock=True)
         rnew, dnew = _report_of(new, name, store, trust_lock=new.side.rev is not None)

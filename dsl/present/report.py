@@ -173,7 +173,7 @@ def collect(pipeline, store, warn: Callable[[str], None] | None = None,
     from weightflow.dsl.store import lockfile
 
     names = [n for n, step in pipeline.steps.items()
-             if step.op.output == Kind.REPORT and (only is None or n in only)]
+             if step.output == Kind.REPORT and (only is None or n in only)]
     reports = locked_steps(pipeline, store, names, touch=True, verify=True, warn=warn)
     lock = lockfile.read(pipeline.lock_path)
     out = []
@@ -269,7 +269,7 @@ def dag_of(pipeline, store=None) -> dict:
     from weightflow.dsl.lang import graph
 
     order = graph.topo_order(pipeline)
-    nodes = [(n, pipeline.steps[n].op.name, pipeline.steps[n].op.output.value) for n in order]
+    nodes = [(n, pipeline.steps[n].op.name, pipeline.steps[n].output.value) for n in order]
     edges = list(dict.fromkeys((e.source, n) for n in order for e in pipeline.steps[n].inputs))
     total = None
     if store is not None:

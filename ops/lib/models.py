@@ -68,6 +68,10 @@ def load_model(model_dir: Path, device: str = "cpu"):
     """
     import transformers
 
+    from weightflow.ops.lib import composite
+
+    if composite.is_composite(model_dir):  # a rule over stored models (weightflow's own code)
+        return composite.load(model_dir, device)
     archs = architectures(model_dir)
     cls = getattr(transformers, archs[0], None) if archs else None
     try:
@@ -228,6 +232,10 @@ def load_tokenizer(model_dir: Path, required: str | None = None):
     one is needed, then a clear error)."""
     import transformers
 
+    from weightflow.ops.lib import composite
+
+    if composite.is_composite(model_dir):
+        model_dir = composite.primary_dir(model_dir)
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
     tok = None
     if any((Path(model_dir) / f).is_file() for f in names):

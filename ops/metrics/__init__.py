@@ -83,6 +83,10 @@ class Metric:
     # ``compute`` gives other numbers for the same model and params, so cached scores
     # are recomputed instead of reused
     version: int = 1
+    # False for metrics that read stored weights rather than run the model (sparsity,
+    # delta_norm) or hand the model to another library (lm-eval): a Composite has no weights
+    # of its own, only components and a rule
+    scores_composites: bool = True
 
     @property
     def field(self) -> str:

@@ -53,4 +53,5 @@ def delta_norm(subject, m: DeltaNormMetric, ctx) -> tuple[dict, dict]:
 METRIC = Metric(
     name="delta_norm", params=DeltaNormMetric, compute=delta_norm, doc=__doc__,
     columns=(("l2", None, True), ("relative", None, True)),
+    scores_composites=False,
 )

@@ -79,4 +79,4 @@ def lm_eval(subject, m: LmEvalMetric, ctx) -> tuple[dict, dict]:
 
 
 METRIC = Metric(name="lm-eval", params=LmEvalMetric, compute=lm_eval, doc=__doc__, columns=None,
-                fingerprint=fingerprint)
+                fingerprint=fingerprint, scores_composites=False)

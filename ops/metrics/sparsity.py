@@ -53,4 +53,5 @@ METRIC = Metric(
     name="sparsity", params=SparsityMetric, compute=sparsity, doc=__doc__,
     columns=(("sparsity", None, True), ("sparsity_all", None, True), ("zeros", None, False),
              ("numel", None, False)),
+    scores_composites=False,
 )
