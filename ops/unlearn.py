@@ -22,9 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from weightflow.dsl.lang.diagnostics import did_you_mean
+from weightflow.dsl.lang.diagnostics import OpError, did_you_mean
 from weightflow.dsl.lang.spec import DataPath, FiniteFloat, Kind, ModelRef, OpSpec
 from weightflow.ops import unlearn_methods as um
+from weightflow.ops.lib.data import read_records, require_fields
 from weightflow.ops.lib.train_params import (
     AliasedParams,
     TrainParams,
@@ -35,7 +36,8 @@ from weightflow.ops.lib.train_params import (
 _TRAILER = """
 Training keys, data mapping and LoRA are those of ``finetune`` (``learning_rate``
 defaults to 1e-5 here).  The manifest records the forget and retain loss (mean token
-NLL, eval mode) before and after, and the training curve.
+NLL, eval mode; also of the alternate answers, for a method with them) before and after,
+and the training curve.
 """
 
 # The method-specific keys of unlearn v1: they are in the key of every unlearn step (null
@@ -137,6 +139,13 @@ def _check_training_keys(m: um.UnlearnMethod, method: str, data: dict) -> None:
     elif not m.retain_term and "retain_loss" in data:
         raise ValueError(f"'retain_loss' does not apply to method {method} (no retain term; "
                          "use method: grad-diff)")
+    elif m.retain_loss is not None and "retain_loss" in data:
+        raise ValueError(f"'retain_loss' does not apply to method {method} (it has its own retain term)")
+    for key in m.refuses:
+        if data.get(key) is not None:
+            raise ValueError(f"'{key}' does not apply to method {method}")
+    if data.get("task") not in (None, "auto", *m.tasks):
+        raise ValueError(f"method {method} is defined for task: {' | '.join(m.tasks)}, not {data['task']}")
 
 
 def _check_retain_given(m: um.UnlearnMethod, params) -> None:
@@ -167,6 +176,22 @@ UnlearnParams = params_model(METHODS)
 
 def preflight(params, env) -> None:
     check_data(params, env, [params.forget, params.retain])
+    m = METHODS[params.method]
+    if m.alternate is not None or m.forget_fields is not None:
+        path = env.data_path(params.forget)
+        rows = read_records(path, params.limit)
+        if m.forget_fields is not None:
+            require_fields(path, rows, m.forget_fields(options(params, m)))
+        if m.alternate is not None:
+            _check_has_prompt(m, params, path, rows)
+
+
+def _check_has_prompt(m: um.UnlearnMethod, params, path, rows: list[dict]) -> None:
+    """An alternate answer replaces the forget answer after the prompt: plain text has none."""
+    if params.prompt_field is None and not any("input_ids" in r for r in rows):
+        raise OpError(f"{path}: method {m.name} needs question/answer data (set prompt_field and "
+                      "response_field) or pre-tokenized rows (input_ids, with -100 labels on the prompt): "
+                      "its alternate answer replaces the forget answer after the prompt")
 
 
 def options(params, method: um.UnlearnMethod) -> dict:
@@ -177,6 +202,7 @@ def options(params, method: um.UnlearnMethod) -> dict:
 # -- the op ---------------------------------------------------------------------------
 
 def run(inputs, params, ctx) -> dict:  # noqa: C901
+    import contextlib
     import copy
 
     import torch
@@ -189,16 +215,33 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
     method = params.method
     m = METHODS[method]
     opts = options(params, m)
+    if task not in m.tasks:
+        raise OpError(f"method {method} is defined for task: {' | '.join(m.tasks)}; the model is a {task} model")
     with T.deterministic(ctx.seed, device):
         model = T.load_model(art.path, task, ctx)
         encoder, data = T.prepare(model, params, task, art.path, ctx,
                                   {"forget": params.forget, "retain": params.retain})
         forget, retain = data["forget"], data.get("retain")
+        alternates = None
+        if m.alternate is not None:
+            forget, alternates = _with_alternates(m, encoder, params, task, ctx, opts)
         pad, bs = encoder.pad_id, params.batch_size
         uses_retain = m.gradient and m.retain_term and bool(params.retain_weight) and retain is not None
+        layer = ref_layer = None
+        if m.needs_hidden:
+            layer = um.decoder_layer(model, opts["layer"])[1]
         ref = None
-        if m.needs_reference or (uses_retain and params.retain_loss == "kl"):
+        if m.needs_reference or m.needs_hidden or (uses_retain and params.retain_loss == "kl"):
             ref = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+            if m.needs_hidden:
+                ref_layer = um.decoder_layer(ref, opts["layer"])[1]
+        if m.trainable is not None:
+            chosen = m.trainable(model, opts)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in chosen)
+            ctx.info[method] = {"updated_tensors": len(chosen),
+                                "updated_parameters": sum(p.numel() for n, p in model.named_parameters()
+                                                          if n in chosen)}
         if params.lora is not None:
             model = T.attach_lora(model, params.lora, task)
         if params.gradient_checkpointing:
@@ -209,6 +252,8 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
             out = {"forget": T.evaluate(model, forget, bs, pad, task, device)["loss"]}
             if retain is not None:
                 out["retain"] = T.evaluate(model, retain, bs, pad, task, device)["loss"]
+            if alternates is not None:
+                out["alternate"] = T.evaluate(model, alternates, bs, pad, task, device)["loss"]
             return out
 
         before = measure()
@@ -223,19 +268,42 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
             retain_order = T.batch_order(len(retain), bs, T.derived_seed(ctx.seed, "retain")) \
                 if retain is not None else None
 
+            def tapped(module):  # records the module's output, where the method needs it
+                return um.Capture(module) if module is not None else contextlib.nullcontext()
+
             def micro_loss():
-                batch = T.collate([forget[i] for i in next(forget_order)], pad, task, device)
-                nll_sum, n_tok, logits = T.sequence_nll(model, batch, task)
-                ref_nll = None
+                rows = next(forget_order)
+                batch = T.collate([forget[i] for i in rows], pad, task, device)
+                with tapped(layer) as tap:
+                    nll_sum, n_tok, logits = T.sequence_nll(model, batch, task)
+                fb = um.ForgetBatch(nll_sum, n_tok, logits, batch.labels, task, seed=ctx.seed,
+                                    hidden=tap.output if tap is not None else None)
                 if m.needs_reference:
                     with torch.no_grad():
-                        ref_nll = T.sequence_nll(ref, batch, task)[0]
-                lf = m.forget_loss(um.ForgetBatch(nll_sum, n_tok, logits, batch.labels, task, ref_nll), opts)
+                        fb.ref_nll_sum, _, fb.ref_logits = T.sequence_nll(ref, batch, task)
+                if alternates is not None:
+                    ab = T.collate([alternates[i] for i in rows], pad, task, device)
+                    fb.alt_nll_sum, fb.alt_n_tok, _ = T.sequence_nll(model, ab, task)
+                    if m.needs_reference:
+                        with torch.no_grad():
+                            fb.alt_ref_nll_sum = T.sequence_nll(ref, ab, task)[0]
+                lf = m.forget_loss(fb, opts)
                 loss = params.forget_weight * lf
                 logs = {"forget_loss": lf.detach(), "forget_nll": T.mean_nll(nll_sum, n_tok).detach()}
                 if uses_retain:
                     rb = T.collate([retain[i] for i in next(retain_order)], pad, task, device)
-                    if params.retain_loss == "kl":
+                    if m.retain_loss is not None:
+                        with tapped(layer) as tap:
+                            r_nll, r_tok, r_logits = T.sequence_nll(model, rb, task)
+                        ref_hidden = None
+                        if ref_layer is not None:
+                            with torch.no_grad(), tapped(ref_layer) as ref_tap:
+                                T.sequence_nll(ref, rb, task)
+                            ref_hidden = ref_tap.output
+                        lr_ = m.retain_loss(um.RetainBatch(r_nll, r_tok, r_logits, rb.labels, task,
+                                                           tap.output if tap is not None else None,
+                                                           ref_hidden), opts)
+                    elif params.retain_loss == "kl":
                         lr_ = T.kl_to_reference(model, ref, rb, task)
                     else:
                         lr_ = T.mean_nll(*T.sequence_nll(model, rb, task)[:2])
@@ -259,11 +327,54 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
                                  "retain_examples": len(retain) if retain is not None else 0},
                      "losses": losses})
     if extra:
-        ctx.info[method] = extra
+        ctx.info[method] = {**ctx.info.get(method, {}), **extra}
     if curve:
         ctx.info["training_curve"] = curve
     meta.update({"task": task, "unlearned_from": art.digest, "method": method})
     return meta
+
+
+def _with_alternates(m: um.UnlearnMethod, encoder, params, task: str, ctx, opts: dict) -> tuple[list, list]:
+    """The forget examples and, row for row, their alternate answers after the same prompt
+    (a row whose alternate has no token within max_length is left out, with a warning)."""
+    from weightflow.ops.lib import training as T
+
+    path = ctx.data_path(params.forget)
+    rows = T.read_data(params, path, task)
+    _check_has_prompt(m, params, path, rows)
+    originals = encoder.encode(path, rows)
+    kept = list(encoder.kept)
+    alt_rows = [_alternate_row(m, encoder, params, path, i, row, opts, ctx.seed) for i, row in enumerate(rows)]
+    alts = encoder.encode(path, alt_rows)
+    alt_of = dict(zip(encoder.kept, alts, strict=True))
+    pairs = [(ex, alt_of[r]) for ex, r in zip(originals, kept, strict=True) if r in alt_of]
+    if len(pairs) < len(originals):
+        ctx.warn(f"{path.name}: {len(originals) - len(pairs)} forget example(s) have no alternate answer token "
+                 f"within max_length {encoder.max_length} and are skipped")
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def _alternate_row(m: um.UnlearnMethod, encoder, params, path, i: int, row: dict, opts: dict, seed: int) -> dict:
+    """Forget row ``i`` (0-based) with its answer replaced by the method's alternate answer."""
+    from weightflow.ops.lib.train_params import where
+    from weightflow.ops.lib.training import IGNORE
+
+    value = m.alternate(i, row, opts, seed)
+    what = opts.get("alternate_field", "alternate")
+    if "input_ids" in row:  # the prompt is the leading run of -100 labels
+        ids = row["input_ids"]
+        labels = row.get("labels", ids)
+        n = next((k for k, t in enumerate(labels) if t != IGNORE), len(labels)) if isinstance(labels, list) else 0
+        if isinstance(value, str):
+            tok = encoder._tokenizer(path)
+            tail = tok(value, add_special_tokens=False)["input_ids"]
+            tail = tail + [encoder.eos] if encoder.eos is not None else tail
+        else:
+            tail = encoder._ids(path, i + 1, value, what)
+        return {"input_ids": list(ids[:n]) + list(tail), "labels": [IGNORE] * n + list(tail)}
+    if not isinstance(value, str):
+        raise OpError(f"{path}: {where(path, i + 1)}: '{what}' must be a text (the alternate answer)")
+    return {**row, params.response_field: value}
 
 
 # params: built per method registry by ``params_model`` (a TrainParams subclass), so Any here

@@ -193,6 +193,7 @@ class Encoder:
         self.labels: dict | None = None
         self.pad_id = 0
         self.dropped = 0
+        self.kept: list[int] = []  # the last encode's rows (0-based) that became examples, in order
 
     def _tokenizer(self, path: Path):
         if self.tok is None:
@@ -213,7 +214,7 @@ class Encoder:
         return value
 
     def encode(self, path: Path, rows: list[dict]) -> list[Example]:  # noqa: C901
-        p, out, dropped = self.p, [], 0
+        p, out, dropped, kept = self.p, [], 0, []
         for i, row in enumerate(rows, 1):
             if "input_ids" in row:
                 ids = self._ids(path, i, row["input_ids"], "input_ids")
@@ -251,13 +252,15 @@ class Encoder:
             if self.task == "sequence-classification":
                 v = label_value(path, row[p.label_field])
                 out.append(Example(ids, self.labels[v] if self.labels is not None else v))
+                kept.append(i - 1)
             elif any(t != IGNORE for t in labels[1:]):
                 out.append(Example(ids, labels))
+                kept.append(i - 1)
             else:
                 dropped += 1
         if not out:
             raise OpError(f"{path}: no example has a token to predict within max_length {self.max_length}")
-        self.dropped = dropped
+        self.dropped, self.kept = dropped, kept
         return out
 
 

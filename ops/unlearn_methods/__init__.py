@@ -16,6 +16,15 @@ Method-specific keys: a method lists in ``params`` every key it uses, each a ``P
 (default, what it means for this method, bounds).  Methods using the same key (npo,
 simnpo and wga all have ``beta``) share one YAML key, so they must agree on its type
 and bounds (checked at import); its description lists each method's meaning and default.
+
+What a method asks the loop for beyond the forget batch's NLL and logits, each a field
+of ``UnlearnMethod`` that fills fields of ``ForgetBatch``: ``needs_reference`` (the
+frozen input model's NLL and logits), ``alternate`` (a second answer per forget row,
+e.g. DPO's preferred one; encoded after the row's prompt), ``needs_hidden`` (the output
+of decoder layer ``opts["layer"]``, and on retain batches the frozen input model's too);
+``retain_loss`` replaces the op's nll/kl retain term, ``trainable`` picks the parameters
+that are updated, ``refuses`` names training keys it does not take, ``tasks`` those it
+is defined for.
 """
 
 from __future__ import annotations
@@ -65,9 +74,20 @@ class UnlearnMethod:
     # "optional": retain data is only measured; False: retain data does not apply.
     needs_retain: bool | Literal["optional"] = True
     retain_use: str = ""  # what retain data is for, shown when it is missing (no retain term)
-    needs_reference: bool = False  # ForgetBatch.ref_nll_sum: −log π_ref(y), frozen input model
+    needs_reference: bool = False  # ForgetBatch.ref_nll_sum / ref_logits: the frozen input model's
     forget_loss: Callable[..., Any] | None = None  # (ForgetBatch, opts) -> L_forget (a 0-d tensor)
     apply: Callable[..., dict] | None = None  # (Job) -> info: changes job.model without gradient steps
+    tasks: tuple[str, ...] = ("causal-lm", "sequence-classification")  # the tasks it is defined for
+    # (forget row index, row, opts, seed) -> the row's alternate answer (text, or token ids for a
+    # pre-tokenized row): encoded after the row's prompt, it fills ForgetBatch.alt_* (causal LM)
+    alternate: Callable[..., Any] | None = None
+    forget_fields: Callable[[dict], list[str]] | None = None  # opts -> fields every forget row needs
+    # ForgetBatch.hidden: output of decoder layer opts["layer"]; RetainBatch.hidden and ref_hidden
+    # (the frozen input model's) for its retain_loss
+    needs_hidden: bool = False
+    retain_loss: Callable[..., Any] | None = None  # (RetainBatch, opts) -> L_retain, instead of nll/kl
+    trainable: Callable[..., set] | None = None  # (model, opts) -> names of the parameters updated
+    refuses: tuple[str, ...] = ()  # training keys that do not apply to it (e.g. "lora")
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -97,6 +117,12 @@ class ForgetBatch:
     labels: Any  # the batch's labels ([B, T] token labels, -100 without loss; [B] classes)
     task: str
     ref_nll_sum: Any = None  # [B] −log π_ref(y), for a method with needs_reference
+    ref_logits: Any = None  # π_ref's logits (float32, no gradient), for a method with needs_reference
+    seed: int = 0  # the step's seed (a method's own random draws derive from it)
+    hidden: Any = None  # [B, T, d] output of decoder layer opts["layer"], for needs_hidden
+    alt_nll_sum: Any = None  # [B] −log π_θ(y_alt) of each row's alternate answer, for alternate
+    alt_n_tok: Any = None  # [B] |y_alt|
+    alt_ref_nll_sum: Any = None  # [B] −log π_ref(y_alt) (alternate and needs_reference)
 
     def mean_nll(self):
         """Token-averaged NLL of the batch."""
@@ -121,6 +147,79 @@ class ForgetBatch:
             return nll, lb != IGNORE
         nll = F.cross_entropy(self.logits, self.labels, reduction="none")
         return nll[:, None], nll.new_ones(nll.shape[0], 1, dtype=bool)
+
+
+def target_mask(labels, task: str):
+    """Positions of a batch whose hidden state is scored: those with a label (causal LM,
+    unshifted: the hidden state at a target token), every example for a classifier."""
+    import torch
+
+    from weightflow.ops.lib.training import IGNORE
+
+    return labels != IGNORE if task == "causal-lm" else torch.ones(labels.shape[0], 1, dtype=torch.bool,
+                                                                   device=labels.device)
+
+
+@dataclass
+class RetainBatch:
+    """One retain micro-batch for a method's own ``retain_loss``."""
+
+    nll_sum: Any  # [B] −log π_θ(y)
+    n_tok: Any  # [B] |y|
+    logits: Any
+    labels: Any
+    task: str
+    hidden: Any = None  # [B, T, d] output of decoder layer opts["layer"] (needs_hidden)
+    ref_hidden: Any = None  # the same of the frozen input model (needs_hidden)
+
+
+def decoder_layers(model) -> Any:
+    """The model's stack of decoder (transformer) blocks: the ModuleList holding
+    ``config.num_hidden_layers`` blocks (``model.layers`` in Llama, ``transformer.h`` in GPT-2)."""
+    import torch
+
+    from weightflow.dsl.lang.diagnostics import OpError
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and (n is None or len(m) == n)]
+    if not lists:
+        raise OpError(f"cannot find the decoder layers of {type(model).__name__} (no list of "
+                      f"{n} blocks among its modules)")
+    return lists[0]
+
+
+def decoder_layer(model, index: int) -> tuple[str, Any]:
+    """(its name, the module) of decoder layer ``index``; out of range is an OpError."""
+    from weightflow.dsl.lang.diagnostics import OpError
+
+    name, layers = decoder_layers(model)
+    if not 0 <= index < len(layers):
+        raise OpError(f"layer: {index} is out of range: the model has {len(layers)} decoder layers "
+                      f"(0..{len(layers) - 1})")
+    return f"{name}.{index}", layers[index]
+
+
+class Capture:
+    """``with Capture(module) as c:`` records the module's output of the forward pass inside
+    (its first element when it returns a tuple) as ``c.output``."""
+
+    def __init__(self, module):
+        self.module: Any = module
+        self.output: Any = None
+        self._handle: Any = None
+
+    def _hook(self, module, inputs, output):
+        if self.output is None:  # the first call: a recomputation under checkpointing comes later
+            self.output = output[0] if isinstance(output, tuple) else output
+
+    def __enter__(self) -> Capture:
+        self.output = None
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
 
 
 @dataclass
