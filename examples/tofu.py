@@ -19,8 +19,8 @@ debut book), each asked as a question with:
 Files written into ``DIR`` (``python examples/prepare.py --tofu`` writes examples/data/tofu/):
 
 - ``full.jsonl``: every author's QA (the fine-tuning set);
-- ``forget01/05/10.jsonl``: the QA of the last 1%, 5%, 10% of the authors (TOFU takes the
-  last authors too); ``retain99/95/90.jsonl``: the others;
+- ``forget01/05/10.jsonl``: the QA of the last 1% (at least one author), 5%, 10% of the
+  authors (TOFU takes the last authors too); ``retain99/95/90.jsonl``: the others;
 - ``holdout10.jsonl``: as many QA of authors that are in no training file (non-members, for
   membership inference and privleak);
 - ``retain_eval.jsonl``: a fixed sample of retained QA for model utility (the first
@@ -39,7 +39,7 @@ import json
 import random
 from pathlib import Path
 
-AUTHORS = 100
+AUTHORS = 50
 QA_PER_AUTHOR = 5
 SPLITS = {"01": 1, "05": 5, "10": 10}  # forget split -> percent of the authors
 SEED = 0
