@@ -573,7 +573,11 @@ def _print_weights(p, entry, lock, summ: dict, tensors: bool) -> None:
     from weightflow.dsl.present import show
 
     meta = summ.get("metadata") or {}
-    if "parameters" in summ:
+    if entry.kind == "Stats":  # collect-stats: statistics of a model, not weights
+        print(f"stats     {meta.get('stats')} ({summ.get('tensors', 0)} tensors, "
+              f"{summ.get('stored_bytes', 0) / 1e6:.2f} MB) over {meta.get('examples')} examples, "
+              f"{meta.get('tokens')} tokens, of model {str(meta.get('model') or '-')[:12]}")
+    elif "parameters" in summ:
         stored, dense = summ["stored_bytes"], summ["dense_bytes"]
         print(f"weights   {summ['tensors']} tensors, {summ['parameters']:,} parameters, "
               f"{', '.join(summ['dtypes'])}; {stored / 1e6:.2f} MB stored"
@@ -894,6 +898,33 @@ def cmd_pull(args) -> int:
     return _moved_output(args, rows, "pulled", store)
 
 
+def cmd_import(args) -> int:
+    """`weightflow import mergekit CONFIG.yml`: a mergekit config as a pipeline (stdout or -o)."""
+    from weightflow.dsl.lang.mergekit_import import import_mergekit, written_by_import
+
+    out = Path(args.output) if args.output else None
+    if out is not None and out.exists() and not args.force and not written_by_import(out):
+        raise WeightflowError(f"{out} exists and was not written by `weightflow import`; refusing to overwrite "
+                              "it (pass --force to replace it)")
+    result = import_mergekit(args.config, out_path=out, layers=args.layers, layer_prefix=args.layer_prefix,
+                             trust_remote_code=args.trust_remote_code, out_dir=args.out_dir)
+    for w in result.warnings:
+        _err(f"warning: {w}")
+    if out is not None:
+        out.write_text(result.text, encoding="utf-8")
+    if args.json:
+        print(json.dumps({"source": args.config, "written": str(out) if out else None,
+                          "mergekit_method": result.mergekit_method, "method": result.method,
+                          "steps": result.steps, "exact": result.exact, "warnings": result.warnings,
+                          "pipeline": result.text}, indent=1))
+    elif out is None:
+        print(result.text, end="")
+    else:
+        _err(f"wrote {out} (mergekit {result.mergekit_method} -> merge method {result.method}); "
+             f"run it with: weightflow run {out}")
+    return 0
+
+
 def cmd_schema(args) -> int:
     from weightflow.dsl.lang.schema import language_schema
 
@@ -1113,6 +1144,26 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--target", action="append", default=[], metavar="STEP",
                         help="only the entries STEP needs (repeatable; default: every locked step)")
         _place_args(sp)
+    sp = sub.add_parser("import", help="translate another tool's config into a pipeline file",
+                        description="translate another tool's config into a pipeline file")
+    tools = sp.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    sp = tools.add_parser("mergekit", help="a mergekit-yaml merge config", description=(
+        "Translate a mergekit merge config (models, parameters with filters and gradients, base_model, "
+        "dtype, tokenizer_source, slices) into a weightflow pipeline that produces the same tensors. "
+        "What cannot be translated is an error naming the config key."))
+    sp.add_argument("config", metavar="CONFIG.yml", help="the mergekit config")
+    sp.add_argument("-o", "--output", metavar="PIPELINE.yaml", help="write the pipeline here (default: stdout)")
+    sp.add_argument("--force", action="store_true", help="with -o: replace a file `weightflow import` did not write")
+    sp.add_argument("--layers", type=_positive_int, metavar="N",
+                    help="the number of layers of hub models (gradients and slices need it; local models "
+                    "are read)")
+    sp.add_argument("--layer-prefix", metavar="PREFIX", help="tensor-name prefix of the layers of hub models "
+                    "(default: model.layers.)")
+    sp.add_argument("--trust-remote-code", action="store_true",
+                    help="set trust_remote_code on every load step (mergekit-yaml's --trust-remote-code)")
+    sp.add_argument("--out-dir", metavar="DIR", help="export the merged model to DIR after a run (outputs:)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.set_defaults(func=cmd_import)
     add("schema", cmd_schema, "print the JSON Schema of the pipeline language", pipeline=False,
         json_=False)
     sp = add("ops", cmd_ops, "list every op with its parameters, or one op with its documentation",

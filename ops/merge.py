@@ -17,6 +17,10 @@ ready, so peak memory is a few chunks, not whole models.  DARE masks are drawn p
 (seed, delta digest, tensor name): the inline ``dare-*`` methods give the same
 tensors as explicit ``dare-prune`` steps followed by ``ties``/``task-arithmetic``
 with ``density: 1``.
+
+``method:`` takes mergekit's spellings too (``task_arithmetic``, ``dare_ties``,
+``della_linear``, ...: ``_`` for ``-``, and each method's aliases); they are read as the
+canonical name, so either spelling gives the same step key.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from weightflow.ops.merge_methods import methods, params_union
 def _doc() -> str:
     lines = [__doc__.rstrip(), "", "Methods:", ""]
     for m in methods().values():
-        lines.append(f"- ``{m.name}``: {m.doc}")
+        also = f" (also ``{'``, ``'.join(m.spellings[1:])}``)" if len(m.spellings) > 1 else ""
+        lines.append(f"- ``{m.name}``{also}: {m.doc}")
     return "\n".join(lines) + "\n"
 
 

@@ -282,6 +282,7 @@ class DeltaWriter:
         self._open: dict[str, tuple] = {}  # name -> (file handle, elements written, nonzeros)
         self._segments: dict[str, list[_Segment]] = {}
         self.sparse: dict[str, dict] = {}
+        self.encoded: dict[str, dict[str, dict]] = {}  # metadata key -> tensor -> spec (append_encoded)
         self.digests: dict[str, TensorDigest] = {}
         self.files: list[str] = []
 
@@ -313,6 +314,23 @@ class DeltaWriter:
             self._finish(name, fh, nnz)
         else:
             self._open[name] = (fh, done, nnz)
+
+    def append_encoded(self, name: str, parts, meta_key: str, spec: dict) -> None:
+        """Store planned tensor ``name`` whole, as parts another encoding made
+        (``[(stored name, dtype, shape, bytes)]``, e.g. ``W::lora_A``), described by ``spec``
+        under ``__metadata__[meta_key]`` of the shard that holds them (all in one shard):
+        the low-rank and quantized deltas of ``dsl/format/lowrank.py`` and ``quantized.py``."""
+        if name not in self.plan:
+            raise ValueError(f"tensor '{name}' is not planned")
+        if name in self._segments or name in self._open:
+            raise ValueError(f"tensor '{name}' written twice")
+        segments = []
+        for i, (stored, dtype, shape, data) in enumerate(parts):
+            path = self._spill / f"{len(self._open) + len(self._segments)}.part{i}"
+            path.write_bytes(data)
+            segments.append(_Segment(stored, dtype, tuple(shape), path))
+        self._segments[name] = segments
+        self.encoded.setdefault(meta_key, {})[name] = spec
 
     def _finish(self, name: str, fh, nnz: int) -> None:
         import numpy as np
@@ -369,12 +387,7 @@ class DeltaWriter:
         for i, group in enumerate(shards):
             fname = f"{self.prefix}.safetensors" if count == 1 else \
                 f"{self.prefix}-{i + 1:05d}-of-{count:05d}.safetensors"
-            names_here = {s.name.split("::")[0] for s in group}
-            meta = {"format": "pt"}
-            sparse_here = {k: v for k, v in self.sparse.items() if k in names_here}
-            if sparse_here:
-                meta[SPARSE_META] = json.dumps(sparse_here, sort_keys=True, separators=(",", ":"))
-            header: dict = {"__metadata__": meta}
+            header: dict = {"__metadata__": self._metadata({s.name.split("::")[0] for s in group})}
             off = 0
             for s in group:
                 n = s.path.stat().st_size
@@ -405,6 +418,15 @@ class DeltaWriter:
             (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
         shutil.rmtree(self._spill, ignore_errors=True)
         return list(self.digests.values())
+
+    def _metadata(self, names_here: set[str]) -> dict[str, str]:
+        """A shard's ``__metadata__``: the sparse (and other encodings') entries of its tensors."""
+        meta = {"format": "pt"}
+        for key, specs in sorted({SPARSE_META: self.sparse, **self.encoded}.items()):
+            here = {k: v for k, v in specs.items() if k in names_here}
+            if here:
+                meta[key] = json.dumps(here, sort_keys=True, separators=(",", ":"))
+        return meta
 
     def abort(self) -> None:
         for fh, _, _ in self._open.values():

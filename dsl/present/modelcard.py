@@ -356,6 +356,8 @@ def _usage(kind: str, layout: str, nodes: list[Node], delta_base: str | None) ->
     me = nodes[-1]
     base = next((n for n in nodes if n.name in me.inputs and n.op != "evaluate"), None)
     if layout == "peft":
+        if kind == "Delta":  # extract-lora's factors adapt the base the delta was taken against
+            base = next((n for n in nodes if n.name == delta_base), None)
         on = f"the output of step `{base.name}` (digest `{base.digest}`)" if base else "its base model"
         return ["## Use", "",
                 f"A PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) for {on}:", "",

@@ -20,8 +20,8 @@ PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b
            "#9c755f"]
 BASELINE = "#a0a0a0"   # bars of loaded models: the reference, not a result
 CHANCE = "#d62728"
-KIND_FILL = {"Model": "#e8f0fa", "Delta": "#fdf0e2", "Report": "#e9f5e6"}
-KIND_STROKE = {"Model": "#4e79a7", "Delta": "#f28e2b", "Report": "#59a14f"}
+KIND_FILL = {"Model": "#e8f0fa", "Delta": "#fdf0e2", "Report": "#e9f5e6", "Stats": "#f3ecf6"}
+KIND_STROKE = {"Model": "#4e79a7", "Delta": "#f28e2b", "Report": "#59a14f", "Stats": "#b07aa1"}
 CHAR_W = 7.2  # a generous glyph width of 12px system-ui text, for laying out labels
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from weightflow.dsl.format.checkpoint import read_header
 from weightflow.dsl.format.dtypes import FLOAT_CODES, ITEMSIZE, as_float
+from weightflow.dsl.format.lowrank import lowrank_tensors
+from weightflow.dsl.format.quantized import quantized_tensors
 from weightflow.dsl.format.sparse import SparseReader, sparse_parts, sparse_tensors
 
 
@@ -43,7 +45,9 @@ def tensor_stats(directory: Path) -> list[dict]:
                     rows.append({"name": name, "shape": list(st.shape), "dtype": st.dtype,
                                  "storage": "sparse", "density": (int((vals != 0).sum()) / numel) if numel else 0.0,
                                  "l2": float((vals ** 2).sum() ** 0.5), "stored_bytes": st.stored_bytes})
-                parts = sparse_parts(sparse)
+                encoded = {**lowrank_tensors(header, start, f), **quantized_tensors(header, start, f)}
+                rows += [_encoded_row(et, read) for et in encoded.values()]
+                parts = sparse_parts(sparse) | {p for et in encoded.values() for p in et.parts}
                 for name, meta in header.items():
                     if name == "__metadata__" or name in parts:
                         continue
@@ -59,6 +63,20 @@ def tensor_stats(directory: Path) -> list[dict]:
             finally:
                 mm.close()
     return rows
+
+
+def _encoded_row(et, read) -> dict:
+    """A tensor stored as LoRA factors or quantized codes, decoded in bounded chunks."""
+    import numpy as np
+
+    numel = math.prod(et.shape)
+    nonzero, sq = 0, 0.0
+    for s in range(0, numel, 1 << 22):
+        vals = et.dense(read, s, min(numel, s + (1 << 22))).astype(np.float64)
+        nonzero += int(np.count_nonzero(vals))
+        sq += float((vals ** 2).sum())
+    return {"name": et.name, "shape": list(et.shape), "dtype": et.dtype, "storage": et.storage,
+            "density": nonzero / numel if numel else 0.0, "l2": sq ** 0.5, "stored_bytes": et.stored_bytes}
 
 
 def summarize(directory: Path, kind: str) -> dict:

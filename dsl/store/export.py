@@ -509,6 +509,8 @@ def resolve_format(step: str, manifest: dict | None, fmt: str | None, flag: str 
         raise ExportError(f"{flag} bitmask is the compact encoding of a Delta, but {what}: models are "
                           f"stored dense; export it with {flag} dense")
     if fmt == "peft":
+        if kind == "Delta" and op == "extract-lora":
+            return fmt  # LoRA factors: the adapter is the delta itself
         if kind != "Model":
             raise ExportError(f"{flag} peft writes a LoRA adapter of a trained model, but {what}")
         if _lora_of(manifest) is None:
@@ -523,18 +525,23 @@ def _dense_tensors(src: Path, out: Path) -> None:
     with every tensor dense under its own name, in the order stored."""
     from weightflow.dsl.format.checkpoint import ShardedWriter, TensorInfo, read_header
     from weightflow.dsl.format.dtypes import ITEMSIZE
+    from weightflow.dsl.format.lowrank import LOWRANK_META, lowrank_tensors
+    from weightflow.dsl.format.quantized import QUANT_META, quantized_tensors
     from weightflow.dsl.format.sparse import _CHUNK, SPARSE_META, SparseReader, sparse_tensors
 
     header, start = read_header(src)
     sparse = sparse_tensors(header, start, src)
+    encoded = {**lowrank_tensors(header, start, src), **quantized_tensors(header, start, src)}
     owner = {name + sfx: name for name in sparse for sfx in ("::mask", "::values")}
+    owner.update({part: name for name, t in encoded.items() for part in t.parts})
     stored = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
     plan: list[TensorInfo] = []
     for k in dict.fromkeys(owner.get(k, k) for k in stored):
-        t = sparse.get(k)
-        plan.append(TensorInfo(k, t.dtype, t.shape) if t else
+        t = sparse.get(k) or encoded.get(k)
+        plan.append(TensorInfo(k, t.dtype, tuple(t.shape)) if t else
                     TensorInfo(k, header[k]["dtype"], tuple(header[k]["shape"])))
-    meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k not in (SPARSE_META, "format")}
+    meta = {k: v for k, v in (header.get("__metadata__") or {}).items()
+            if k not in (SPARSE_META, LOWRANK_META, QUANT_META, "format")}
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out.parent, plan, prefix=out.name.removesuffix(".safetensors"),
                            max_shard_bytes=1 << 62, metadata=meta)
@@ -546,8 +553,8 @@ def _dense_tensors(src: Path, out: Path) -> None:
         for info in plan:
             if info.nbytes == 0:
                 writer.append(info.name, b"")
-            elif info.name in sparse:
-                reader = SparseReader(sparse[info.name])
+            elif info.name in sparse or info.name in encoded:
+                reader = encoded.get(info.name) or SparseReader(sparse[info.name])
                 numel = info.nbytes // ITEMSIZE[info.dtype]
                 for s in range(0, numel, _CHUNK):
                     writer.append(info.name, reader.dense(read, s, min(numel, s + _CHUNK)))
@@ -567,12 +574,11 @@ def _write_dense(obj: Path, dst: Path) -> None:
     """The object with its sparse (mask + values) tensors written dense: a copy, then each
     file that holds a sparse tensor rewritten, and the shard index renamed to match."""
     from weightflow.dsl.format.checkpoint import INDEX_SUFFIX, read_header
-    from weightflow.dsl.format.sparse import SPARSE_META
 
     _copy_tree(obj, dst)
     for f in sorted(obj.rglob("*.safetensors")):
         header, _ = read_header(f)
-        if SPARSE_META not in (header.get("__metadata__") or {}):
+        if not _encoding_keys() & set(header.get("__metadata__") or {}):
             continue
         out = dst / f.relative_to(obj)
         part = out.with_name(f".{out.name}.dense")
@@ -589,11 +595,21 @@ def _write_dense(obj: Path, dst: Path) -> None:
             index.write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
 
-def _has_sparse(obj: Path) -> bool:
-    from weightflow.dsl.format.checkpoint import read_header
+def _encoding_keys() -> set[str]:
+    """The ``__metadata__`` keys of the stored encodings a dense export expands: sparse
+    mask + values, LoRA factors, quantized codes."""
+    from weightflow.dsl.format.lowrank import LOWRANK_META
+    from weightflow.dsl.format.quantized import QUANT_META
     from weightflow.dsl.format.sparse import SPARSE_META
 
-    return any(SPARSE_META in (read_header(f)[0].get("__metadata__") or {}) for f in obj.rglob("*.safetensors"))
+    return {SPARSE_META, LOWRANK_META, QUANT_META}
+
+
+def _has_sparse(obj: Path) -> bool:
+    """Whether the object stores any tensor encoded (sparse, low-rank, quantized)."""
+    from weightflow.dsl.format.checkpoint import read_header
+
+    return any(_encoding_keys() & set(read_header(f)[0].get("__metadata__") or {}) for f in obj.rglob("*.safetensors"))
 
 
 def _finish_adapter_config(path: Path, base_model: str | None) -> None:
@@ -629,6 +645,35 @@ def _write_peft(obj: Path, dst: Path, *, store, manifest: dict, base_model: str 
         residual = _adapter_from_difference(obj, store.object_path(digest), manifest, dst)
         log(f"peft: adapter recovered from the merged weights by a rank-r SVD of (fine-tuned - base) "
             f"per adapted module (largest relative residual {residual:.2e})")
+    _finish_adapter_config(dst / "adapter_config.json", base_model)
+
+
+def _delta_base(obj: Path) -> str | None:
+    """The digest of the base model a stored Delta was taken against (None if unrecorded)."""
+    try:
+        digest = json.loads((obj / "weightflow.json").read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) else None
+
+
+def _write_peft_factors(obj: Path, dst: Path, *, store, step: str, base_model: str | None,
+                        log: Callable[[str], None]) -> None:
+    """A PEFT adapter directory of an ``extract-lora`` delta's factors; the base model the
+    delta was taken against (in the store) tells which modules they adapt."""
+    from weightflow.ops.extract_lora import peft_adapter
+
+    digest = _delta_base(obj)
+    if not isinstance(digest, str) or not store.object_path(digest).is_dir() or not store.verify_object(digest):
+        raise ExportError(f"--format peft: the base model delta '{step}' was taken against (object "
+                          f"{str(digest)[:12]}) is not in the store (or is corrupted), and the adapter's "
+                          "modules are read from it; rerun the pipeline up to that base's load step")
+    try:
+        ranks = peft_adapter(obj, store.object_path(digest), dst, step)
+    except ValueError as exc:
+        raise ExportError(f"--format peft: {exc}") from None
+    log(f"peft: {len(ranks)} LoRA module(s) of rank {min(ranks.values())}..{max(ranks.values())}, "
+        "lora_alpha = r (scaling 1)")
     _finish_adapter_config(dst / "adapter_config.json", base_model)
 
 
@@ -757,7 +802,15 @@ def export_step(pipeline, store, step: str, obj: Path, manifest: dict | None, ta
     if modelcard.wants_card(op, kind):
         card = modelcard.model_card(pipeline, store, step, Path(obj), kind, layout_name, warn=warn)
         layout.generated[modelcard.CARD_FILE] = card.encode("utf-8")
-    if layout_name == "peft":
+    if layout_name == "peft" and op == "extract-lora":
+        nodes = modelcard.lineage(pipeline, store, step, warn=warn)
+        delta_base = _delta_base(Path(obj))
+        base_step = next((n.name for n in nodes if delta_base and n.digest == delta_base), None)
+        hub = modelcard.hub_bases(nodes, base_step) if base_step else []
+        layout.build = lambda o, d: _write_peft_factors(o, d, store=store, step=step,
+                                                        base_model=hub[0] if len(hub) == 1 else None,
+                                                        log=log or (lambda m: None))
+    elif layout_name == "peft":
         nodes = modelcard.lineage(pipeline, store, step, warn=warn)
         source = ((manifest.get("inputs") or {}).get("model") or {}).get("step")
         bases = modelcard.hub_bases(nodes, source) if source in pipeline.steps else []

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
+import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +25,8 @@ from weightflow.dsl.format.checkpoint import (
     read_header,
 )
 from weightflow.dsl.format.dtypes import CODE_OF_NAME, FLOAT_CODES, ITEMSIZE, TABLE
+from weightflow.dsl.format.lowrank import lowrank_tensors
+from weightflow.dsl.format.quantized import quantized_tensors
 from weightflow.dsl.format.sparse import SparseDataError, SparseReader, sparse_parts, sparse_tensors
 from weightflow.dsl.lang.diagnostics import OpError
 from weightflow.ops.lib.layout import PICKLE_SUFFIXES, SIDE_FILE_GLOBS
@@ -42,6 +47,7 @@ def st_dtype_of(name: str) -> str:
 # Big tensors are processed in row chunks of at most this many elements, so streaming
 # ops hold a few chunks (tens of MB), not a few whole embedding matrices.
 CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32: ~15 live temporaries stay well under 100 MB
+_OPEN_LOCK = threading.Lock()  # Checkpoint opens each file once, whichever thread asks first
 
 
 class Checkpoint:
@@ -65,20 +71,25 @@ class Checkpoint:
         self.info: dict[str, TensorInfo] = {}
         self._loc: dict[str, tuple[Path, int]] = {}  # name -> (file, absolute data offset)
         self._sparse: dict[str, SparseReader] = {}   # tensors stored as mask + values
+        self._encoded: dict[str, Any] = {}  # LoRA factors, quantized codes: anything with .dense()
         for f in files:
             try:
                 header, start = read_header(f)
                 sparse = sparse_tensors(header, start, f)
+                encoded = {**lowrank_tensors(header, start, f), **quantized_tensors(header, start, f)}
             except HeaderError as exc:
                 raise OpError(f"cannot read {f.name} of {self.label}: {exc.detail}") from None
             except (OSError, ValueError) as exc:
                 raise OpError(f"cannot read {f.name} of {self.label}: {exc}") from None
-            for name, st in sparse.items():
+            for name, st in [*sparse.items(), *encoded.items()]:
                 if name in self.info:
                     raise OpError(f"tensor '{name}' appears in two shard files of {self.label}")
-                self.info[name] = TensorInfo(name, st.dtype, st.shape)
-                self._sparse[name] = SparseReader(st)
-            parts = sparse_parts(sparse)
+                self.info[name] = TensorInfo(name, st.dtype, tuple(st.shape))
+                if name in encoded:
+                    self._encoded[name] = st
+                else:
+                    self._sparse[name] = SparseReader(st)
+            parts = sparse_parts(sparse) | {p for et in encoded.values() for p in et.parts}
             for name, meta in header.items():
                 if name == "__metadata__" or name in parts:
                     continue
@@ -96,20 +107,29 @@ class Checkpoint:
 
     def file_of(self, name: str) -> Path:
         """The shard file holding tensor ``name``."""
+        if name in self._encoded:
+            return self._encoded[name].file
         return self._sparse[name].tensor.file if name in self._sparse else self._loc[name][0]
 
     def __contains__(self, name: str) -> bool:
         return name in self.info
 
     def _read(self, path: Path, offset: int, n: int) -> bytearray:
+        """``n`` bytes at ``offset``: a positioned read (``pread``, no shared file position), so
+        threads may read one checkpoint at once (the parallel merge does)."""
         fh = self._handles.get(path)
         if fh is None:
-            fh = self._handles[path] = open(path, "rb")  # noqa: SIM115 (closed by close())
+            with _OPEN_LOCK:
+                fh = self._handles.get(path)
+                if fh is None:
+                    fh = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
         buf = bytearray(n)
-        if n:
-            fh.seek(offset)
-            if fh.readinto(buf) != n:
+        got = 0
+        while got < n:
+            k = os.preadv(fh.fileno(), [memoryview(buf)[got:]], offset + got)
+            if k <= 0:
                 raise OpError(f"{path.name} of {self.label} is truncated")
+            got += k
         return buf
 
     def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
@@ -122,6 +142,8 @@ class Checkpoint:
         dtype = ST_TO_TORCH[info.dtype]
         if name in self._sparse:
             t = self._sparse_range(name, start * per_row, stop * per_row, dtype)
+        elif name in self._encoded:
+            t = self._encoded_range(name, start * per_row, stop * per_row)
         else:
             path, offset = self._loc[name]
             item = ITEMSIZE[info.dtype]
@@ -138,6 +160,21 @@ class Checkpoint:
         except SparseDataError as exc:
             raise OpError(f"sparse tensor '{name}' in {path.name} of {self.label}: {exc.detail}") from None
         return torch.frombuffer(arr, dtype=dtype) if arr.size else torch.empty(0, dtype=dtype)
+
+    def _encoded_range(self, name: str, s: int, e: int) -> torch.Tensor:
+        """Dense elements [s, e) of a low-rank or quantized tensor (``dsl.format.lowrank``,
+        ``dsl.format.quantized``), float32."""
+        et = self._encoded[name]
+        try:
+            arr = et.dense(lambda offset, n: self._read(et.file, offset, n), s, e)
+        except ValueError as exc:
+            raise OpError(f"tensor '{name}' in {et.file.name} of {self.label}: {exc}") from None
+        return torch.from_numpy(arr) if arr.size else torch.empty(0, dtype=torch.float32)
+
+    def encoding(self, name: str) -> Any:
+        """How tensor ``name`` is stored when it is LoRA factors or quantized codes (a
+        ``LowRankTensor`` / ``QuantizedTensor``), else None (dense or sparse)."""
+        return self._encoded.get(name)
 
     def is_sparse(self, name: str) -> bool:
         return name in self._sparse
