@@ -20,6 +20,15 @@ spellings are accepted (``num_epochs``, ``num_train_epochs``, ``micro_batch_size
 ``per_device_train_batch_size``, ``sequence_len``, ``lr_scheduler_type``, ``eval_steps``)
 and normalised, so they never change a key.
 
+Speed (opt-in, each changes the numerics, so each is in the key only when on):
+``group_by_length: true`` batches examples of similar length (less padding);
+``packing: true`` (causal LM) packs each batch's examples into rows of ``max_length`` with
+restarting position ids and attention kept within each example (the unpacked batch's loss);
+``bf16: true`` runs forward and backward under bfloat16 autocast; ``optimizer:
+adamw_torch_fused`` is torch's fused AdamW (HF Trainer's default).  The default AdamW runs
+torch's multi-tensor path, bit-identical to the plain loop.  The manifest records the
+loop's own seconds (``timing.train_loop_s``).
+
 ``lora: {r, alpha, dropout, target_modules}`` trains peft LoRA adapters (and the
 classification head) and merges them into the weights, so later steps see a normal
 model; ``lora.keep_adapter: true`` also stores the adapter under ``adapter/``.
@@ -28,15 +37,24 @@ The manifest (``weightflow show STEP --json``) records the training curve (step,
 loss, lr), ``eval_data`` losses every ``eval_every`` steps and at the end (and
 accuracy for classification).  On CPU, the same seed, data and params give
 bit-identical weights.
+
+S3T (exact unlearning; ops/lib/s3t.py): ``slices: L`` (with ``shards: S``, default 1, and
+``sequences: B``, default 1, at most L) trains, per shard of the data, B stacks of LoRA
+adapters, one layer group per slice from the top layer down, group l on the first l+1
+slices of its slice order; the step then produces a Composite (the shard models'
+ensemble), from which ``s3t-delete`` removes rows without a gradient step.  Rows are the
+examples' positions in the data file, or their ``id_field`` values.  ``epochs`` /
+``max_steps`` are per stage; LoRA only; adapters stored in float32.
 """
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from weightflow.dsl.lang.spec import DataPath, Kind, ModelRef, OpSpec
 from weightflow.ops.lib.train_params import (
     AliasedParams,
+    BatchingParams,
     TrainParams,
     aliased,
     check_data,
@@ -66,12 +84,57 @@ class _Inputs(AliasedParams):
         return self
 
 
-class FinetuneParams(TrainParams, _Inputs):
+class _S3TKeys(AliasedParams):
+    """S3T's sharded, sliced schedule (off unless ``slices`` is given)."""
+
+    shards: int | None = Field(None, ge=1, description="S3T: disjoint data shards, one ensemble member each "
+                               "(default 1; needs slices)")
+    slices: int | None = Field(None, ge=1, description="S3T: slices per shard = LoRA layer groups trained one "
+                               "after another (turns S3T on; needs lora)")
+    sequences: int | None = Field(None, ge=1, description="S3T: slice orders trained per shard, each its own "
+                                  "adapter stack (default 1, at most slices)")
+    id_field: str | None = Field(None, description="S3T: the field holding each example's row id (default: "
+                                 "its position in the data file, from 0)")
+
+
+S3T_KEYS = tuple(_S3TKeys.model_fields)
+
+
+class FinetuneParams(TrainParams, BatchingParams, _S3TKeys, _Inputs):
     """finetune's parameters: the inputs, then the shared training keys."""
+
+    @model_validator(mode="after")
+    def _s3t(self):
+        if self.slices is None:
+            given = [k for k in S3T_KEYS if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: S3T settings need 'slices' (the number of slices per shard)")
+            return self
+        if self.lora is None:
+            raise ValueError("S3T (slices) trains LoRA adapters, one layer group per slice: add lora: {r: 8}")
+        if self.eval_data is not None:
+            raise ValueError("eval_data is not recorded for S3T (slices); score the composite with evaluate")
+        if self.sequences is not None and self.sequences > self.slices:
+            raise ValueError(f"sequences ({self.sequences}) must be at most slices ({self.slices}): each is a "
+                             "rotation of the slice order")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_s3t(self, handler):
+        """A finetune without S3T dumps (and keys) exactly as before S3T existed."""
+        data = handler(self)
+        for k in S3T_KEYS:
+            if data.get(k) is None:
+                data.pop(k, None)
+        return data
 
 
 def preflight(params: FinetuneParams, env) -> None:
     check_data(params, env, [params.data, params.eval_data])
+    if params.id_field is not None:  # S3T's row ids: present and unique, before anything runs
+        from weightflow.ops.lib.s3t import row_ids
+
+        row_ids(env.data_path(params.data), params, 0)
 
 
 def run(inputs, params: FinetuneParams, ctx) -> dict:  # noqa: C901
@@ -79,6 +142,10 @@ def run(inputs, params: FinetuneParams, ctx) -> dict:  # noqa: C901
 
     art = inputs["model"]
     task = T.resolve_task(params.task, art.path)
+    if params.slices is not None:
+        from weightflow.ops.lib import s3t
+
+        return {**s3t.fit(art.path, params, ctx, task), "trained_from": art.digest}
     device = params.device
     with T.deterministic(ctx.seed, device):
         model = T.load_model(art.path, task, ctx)
@@ -101,11 +168,16 @@ def run(inputs, params: FinetuneParams, ctx) -> dict:  # noqa: C901
             if params.eval_every and step % params.eval_every == 0 and step != steps:
                 evaluate(step)
 
-        order = T.batch_order(len(train), bs, params.shuffle_seed if params.shuffle_seed is not None
-                              else ctx.seed)
+        shuffle_seed = params.shuffle_seed if params.shuffle_seed is not None else ctx.seed
+        order = (T.length_grouped_order([len(e.ids) for e in train], bs, shuffle_seed) if params.group_by_length
+                 else T.batch_order(len(train), bs, shuffle_seed))
+        if params.packing:
+            T.check_packing(model, task, train, pad, device)
 
         def micro_loss():
-            batch = T.collate([train[i] for i in next(order)], pad, task, device)
+            rows = [train[i] for i in next(order)]
+            batch = (T.pack(rows, pad, encoder.max_length, device) if params.packing
+                     else T.collate(rows, pad, task, device))
             nll_sum, n_tok, _ = T.sequence_nll(model, batch, task)
             loss = T.mean_nll(nll_sum, n_tok)
             return loss, {"loss": loss.detach()}
@@ -136,6 +208,12 @@ def run(inputs, params: FinetuneParams, ctx) -> dict:  # noqa: C901
     return meta
 
 
+def output_for(params: FinetuneParams) -> Kind:
+    """A Model, or with S3T (slices) a Composite of shard models."""
+    return Kind.COMPOSITE if params.slices is not None else Kind.MODEL
+
+
 OP = OpSpec[FinetuneParams](name="finetune", version=1, output=Kind.MODEL, params=FinetuneParams, run=run,
-                            doc=__doc__, preflight=preflight,
+                            doc=__doc__, preflight=preflight, output_for=output_for,
+                            other_outputs=(Kind.COMPOSITE,),
                             resources={"cpus": "all"})  # its threads use every CPU of a worker

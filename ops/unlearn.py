@@ -37,7 +37,8 @@ _TRAILER = """
 Training keys, data mapping and LoRA are those of ``finetune`` (``learning_rate``
 defaults to 1e-5 here).  The manifest records the forget and retain loss (mean token
 NLL, eval mode; also of the alternate answers, for a method with them) before and after,
-and the training curve.
+and the training curve.  A method marked Composite (uld, eco) outputs a Composite
+(ops/lib/composite.py) instead of weights: its "after" losses are the stored composite's.
 """
 
 # The method-specific keys of unlearn v1: they are in the key of every unlearn step (null
@@ -127,6 +128,11 @@ def _method_params_of(registry: Mapping[str, um.UnlearnMethod], keys: Mapping[st
     for key, value in own.items():
         if data.get(key) is None:
             data[key] = value
+    for key, param in m.params.items():
+        if param.required and data.get(key) is None:
+            raise ValueError(f"method {method} needs '{key}' ({param.description})")
+    if m.check is not None:
+        m.check({k: data.get(k) for k in m.params})
     return data
 
 
@@ -135,7 +141,8 @@ def _check_training_keys(m: um.UnlearnMethod, method: str, data: dict) -> None:
     if not m.gradient:
         for key in _NO_GRADIENT_STEPS:
             if key in data:
-                raise ValueError(f"'{key}' does not apply to method {method} (it takes no gradient steps)")
+                raise ValueError(f"'{key}' does not apply to method {method} (it takes no gradient steps "
+                                 "on the model)")
     elif not m.retain_term and "retain_loss" in data:
         raise ValueError(f"'retain_loss' does not apply to method {method} (no retain term; "
                          "use method: grad-diff)")
@@ -175,8 +182,9 @@ UnlearnParams = params_model(METHODS)
 
 
 def preflight(params, env) -> None:
-    check_data(params, env, [params.forget, params.retain])
     m = METHODS[params.method]
+    own_data = [getattr(params, um.field_name(k)) for k, p in m.params.items() if p.annotation is DataPath]
+    check_data(params, env, [params.forget, params.retain, *own_data])
     if m.alternate is not None or m.forget_fields is not None:
         path = env.data_path(params.forget)
         rows = read_records(path, params.limit)
@@ -226,6 +234,10 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
         if m.alternate is not None:
             forget, alternates = _with_alternates(m, encoder, params, task, ctx, opts)
         pad, bs = encoder.pad_id, params.batch_size
+        target = model  # the input model; a method that ``trains`` another keeps it as it is
+        if m.trains is not None:
+            model = m.trains(target, opts)
+            target.requires_grad_(False).eval().to(device)
         uses_retain = m.gradient and m.retain_term and bool(params.retain_weight) and retain is not None
         layer = ref_layer = None
         if m.needs_hidden:
@@ -248,19 +260,22 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
             T.enable_checkpointing(model, params.lora is not None)
         model.to(device)
 
-        def measure() -> dict:
-            out = {"forget": T.evaluate(model, forget, bs, pad, task, device)["loss"]}
+        def measure(net) -> dict:
+            out = {"forget": T.evaluate(net, forget, bs, pad, task, device)["loss"]}
             if retain is not None:
-                out["retain"] = T.evaluate(model, retain, bs, pad, task, device)["loss"]
+                out["retain"] = T.evaluate(net, retain, bs, pad, task, device)["loss"]
             if alternates is not None:
-                out["alternate"] = T.evaluate(model, alternates, bs, pad, task, device)["loss"]
+                out["alternate"] = T.evaluate(net, alternates, bs, pad, task, device)["loss"]
             return out
 
-        before = measure()
+        before = measure(target)
+        trained_before = measure(model) if model is not target else None
         curve: list[dict] = []
         extra: dict = {}
+        job = um.Job(model, forget, retain, bs, pad, task, device, opts, ctx, target=target, art=art,
+                     inputs=inputs, params=params, encoder=encoder)
         if not m.gradient:
-            extra = m.apply(um.Job(model, forget, retain, bs, pad, task, device, opts, ctx))
+            extra = m.apply(job)
             steps = 0
         else:
             forget_order = T.batch_order(len(forget), bs, params.shuffle_seed if params.shuffle_seed
@@ -302,7 +317,7 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
                             ref_hidden = ref_tap.output
                         lr_ = m.retain_loss(um.RetainBatch(r_nll, r_tok, r_logits, rb.labels, task,
                                                            tap.output if tap is not None else None,
-                                                           ref_hidden), opts)
+                                                           ref_hidden, rb.attention_mask), opts)
                     elif params.retain_loss == "kl":
                         lr_ = T.kl_to_reference(model, ref, rb, task)
                     else:
@@ -313,16 +328,28 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
 
             steps = T.total_steps(params, len(forget))
             curve = T.train(model, params, ctx, steps, micro_loss)
-        after = measure()
+        trained_after = measure(model) if model is not target else None
+        after = measure(model) if not m.composite else {}
         if params.lora is not None:
-            if params.lora.keep_adapter:
+            if params.lora.keep_adapter and not m.composite:
                 T.save_adapter(model, ctx.out, ctx.out.parent)
+            elif params.lora.keep_adapter:
+                ctx.warn(f"lora.keep_adapter: method {method} stores its trained model merged, inside the composite")
             model = model.merge_and_unload()
         if params.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.to("cpu")
-        meta = T.save_model(model, art.path, ctx, params.dtype or ctx.dtype)
+        if m.composite:
+            job.model = model
+            meta, written = _write_composite(m, job, measure)
+            after = written.pop("after")
+            extra = {**extra, **written}
+        else:
+            meta = T.save_model(model, art.path, ctx, params.dtype or ctx.dtype)
     losses = {k: {"before": before[k], "after": after[k]} for k in before}
+    if trained_before is not None and trained_after is not None:
+        ctx.info["trained_model_losses"] = {k: {"before": trained_before[k], "after": trained_after[k]}
+                                            for k in trained_before}
     ctx.info.update({"summary": {"method": method, "task": task, "steps": steps, "forget_examples": len(forget),
                                  "retain_examples": len(retain) if retain is not None else 0},
                      "losses": losses})
@@ -332,6 +359,25 @@ def run(inputs, params, ctx) -> dict:  # noqa: C901
         ctx.info["training_curve"] = curve
     meta.update({"task": task, "unlearned_from": art.digest, "method": method})
     return meta
+
+
+def _write_composite(m: um.UnlearnMethod, job: um.Job, measure) -> tuple[dict, dict]:
+    """The method writes its Composite into ctx.out; it is loaded back (as evaluate will load it)
+    and its forget/retain losses measured.  Returns (the artifact's metadata, the info)."""
+    from weightflow.ops.lib import composite
+
+    info = dict(m.write(job))
+    spec = composite.read_spec(job.ctx.out)
+    loaded = composite.load(job.ctx.out, job.device)  # fails now, not at scoring time, if the parts do not fit
+    info["after"] = measure(loaded)
+    del loaded
+    meta = {"rule": spec["rule"], "components": sorted(spec["components"])}
+    return meta, info
+
+
+def output_for(params) -> Kind:
+    """A Model, or a Composite for a method that writes one (uld, eco)."""
+    return Kind.COMPOSITE if METHODS[params.method].composite else Kind.MODEL
 
 
 def _with_alternates(m: um.UnlearnMethod, encoder, params, task: str, ctx, opts: dict) -> tuple[list, list]:
@@ -379,5 +425,6 @@ def _alternate_row(m: um.UnlearnMethod, encoder, params, path, i: int, row: dict
 
 # params: built per method registry by ``params_model`` (a TrainParams subclass), so Any here
 OP = OpSpec[Any](name="unlearn", version=1, output=Kind.MODEL, params=UnlearnParams, run=run,
-                 doc=op_doc(METHODS), preflight=preflight,
+                 doc=op_doc(METHODS), preflight=preflight, output_for=output_for,
+                 other_outputs=(Kind.COMPOSITE,),
                  resources={"cpus": "all"})  # its threads use every CPU of a worker

@@ -42,7 +42,9 @@ steps:
   ties: {{op: merge, method: ties, base: base, deltas: [da, db], weights: [1.0, 0.5], density: 0.5}}
   ties_sum: {{op: merge, method: ties, base: base, deltas: [da, db], weights: [0.7, -0.4], density: 0.3,
              normalize: false}}
-outputs: {{linear: out/linear, task_arithmetic: out/task_arithmetic, ties: out/ties, ties_sum: out/ties_sum}}
+  ties_each: {{op: merge, method: ties, base: base, deltas: [da, db], weights: [1.0, 0.5], density: [0.9, 0.2]}}
+outputs: {{linear: out/linear, task_arithmetic: out/task_arithmetic, ties: out/ties, ties_sum: out/ties_sum,
+          ties_each: out/ties_each}}
 """
     run(write_pipeline(tmp, text), tmp / "cache")
     return tmp, m
@@ -89,6 +91,19 @@ def test_ties_matches_mergekit(merged, step, weights, density, normalize):
     # and the comparison is not vacuous: the merge really trimmed and changed the base
     base = read_model(m["base"])
     assert not torch.equal(ours["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_ties_with_a_density_per_delta_matches_mergekit(merged):
+    """mergekit's per-model density ([0.9, 0.2] here) is weightflow's per-delta density list."""
+    tmp, m = merged
+    theirs = mergekit({"merge_method": "ties", "base_model": m["base"], "dtype": "float32",
+                       "models": [{"model": m["ft_a"], "parameters": {"weight": 1.0, "density": 0.9}},
+                                  {"model": m["ft_b"], "parameters": {"weight": 0.5, "density": 0.2}}]},
+                      tmp / "mk_ties_each")
+    ours = read_model(tmp / "out" / "ties_each")
+    compare(ours, theirs)
+    assert not torch.equal(ours["model.layers.0.mlp.up_proj.weight"],
+                           read_model(tmp / "out" / "ties")["model.layers.0.mlp.up_proj.weight"])
 
 
 @pytest.fixture(scope="module")

@@ -58,10 +58,15 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "contrast": Rule("contrast", ("target", "assistant"), {"alpha": 1.0, "top_logit_filter": 0.0},
+    "contrast": Rule("contrast", ("target", "assistant"), {"alpha": 1.0, "top_logit_filter": 0.0,
+                                                           "min_kept_fraction": 0.0, "preserve_mass": False},
                      "log p = log_softmax(lp_target − alpha·lp_assistant) on the tokens whose target probability "
-                     "is at least top_logit_filter × the most likely token's (ULD's relative-top filter); the "
-                     "other tokens keep the target's log-probability, so unlikely tokens are never boosted"),
+                     "is at least top_logit_filter × the most likely token's, or that are among the "
+                     "int(min_kept_fraction × V) most likely (ULD's relative-top filter keeps at least "
+                     "int(top_logit_filter × V)); the other tokens keep the target's log-probability, so "
+                     "unlikely tokens are never boosted; preserve_mass: the kept tokens share the target's "
+                     "probability of the kept set, p(v) = p_T(K)·softmax_K(lp_target − alpha·lp_assistant)(v), "
+                     "so a flat assistant leaves the target's distribution exactly as it is"),
     "ensemble": Rule("ensemble", (), {"aggregate": "mean_probs"},
                      "the members' next-token (or class) distributions averaged: mean_probs = log of the mean "
                      "of the probabilities, mean_logprobs = the mean of the log-probabilities"),
@@ -70,6 +75,9 @@ RULES: dict[str, Rule] = {
                     "the classifier reads each input's text; where P(forget_label) ≥ threshold, the target "
                     "runs on its input embeddings plus Gaussian noise of strength × the embedding matrix's "
                     "standard deviation (seeded per input), else on the input unchanged (ECO)"),
+    "s3t": Rule("s3t", ("base", "adapters"), {"aggregate": "mean_probs"},
+                "S3T's shards: per shard, the base plus the still-active LoRA adapters of its chosen slice "
+                "sequence (merged), the shards' distributions averaged (mean_probs); see ops/lib/s3t.py"),
 }
 
 
@@ -145,6 +153,10 @@ def load(path: Path, device: str = "cpu"):
     from weightflow.ops.lib import models
 
     spec = read_spec(path)
+    if spec["rule"] == "s3t":  # its components are a base and adapter files, not models
+        from weightflow.ops.lib import s3t
+
+        return s3t.load(Path(path), spec, device)
     comps = {role: models.load_model(Path(path) / sub, device) for role, sub in spec["components"].items()}
     rule = RULES[spec["rule"]]
     params = {**rule.params, **(spec.get("params") or {})}
@@ -161,16 +173,17 @@ def _module(spec: dict, comps: dict, params: dict, tokenizers: dict):
     primary = comps[spec["primary"]]
     classifier = all(type(m).__name__.endswith("ForSequenceClassification") for m in comps.values())
     causal = all(_causal(m) for m in comps.values()) or spec["rule"] == "guarded" and _causal(comps["target"])
-    if spec["rule"] == "ensemble" and not (classifier or causal):
+    if spec["rule"] in ("ensemble", "s3t") and not (classifier or causal):
         raise OpError("an ensemble's members must all be causal LMs or all sequence classifiers")
     if spec["rule"] in ("contrast", "guarded") and not _causal(comps["target"]):
         raise OpError(f"a {spec['rule']} composite's target must be a causal LM")
-    if spec["rule"] in ("contrast", "ensemble"):
+    if spec["rule"] in ("contrast", "ensemble", "s3t"):
         sizes = {role: _out_size(m) for role, m in comps.items()}
         if len(set(sizes.values())) > 1:
             raise OpError(f"a {spec['rule']} composite's components must share one vocabulary (or label set); "
                           "sizes: " + ", ".join(f"{r} {n}" for r, n in sizes.items()))
-    combine: Callable = {"contrast": _contrast, "ensemble": _ensemble, "guarded": _guarded}[spec["rule"]]
+    combine: Callable = {"contrast": _contrast, "ensemble": _ensemble, "guarded": _guarded,
+                         "s3t": _ensemble}[spec["rule"]]
 
     class Composite(torch.nn.Module):
         def __init__(self):
@@ -211,7 +224,7 @@ def _module(spec: dict, comps: dict, params: dict, tokenizers: dict):
                     break
             return ids
 
-    suffix = "ForSequenceClassification" if classifier and spec["rule"] == "ensemble" else "ForCausalLM"
+    suffix = "ForSequenceClassification" if classifier and spec["rule"] in ("ensemble", "s3t") else "ForCausalLM"
     Composite.__name__ = Composite.__qualname__ = f"{spec['rule'].capitalize()}Composite{suffix}"
     return Composite().eval()
 
@@ -249,7 +262,15 @@ def _contrast(self, ids, mask, pos):
     alpha, f = float(self.params["alpha"]), float(self.params["top_logit_filter"])
     mixed = lp_t - alpha * lp_a
     if f > 0:
-        keep = lp_t >= lp_t.max(dim=-1, keepdim=True).values + math.log(f)
+        thresh = lp_t.max(dim=-1, keepdim=True).values + math.log(f)
+        k = int(float(self.params.get("min_kept_fraction", 0.0)) * lp_t.shape[-1])
+        if k >= 1:  # the k-th most likely token's log-probability, if lower
+            thresh = torch.minimum(thresh, lp_t.topk(k, dim=-1).values[..., -1:])
+        keep = lp_t >= thresh
+        if self.params.get("preserve_mass"):
+            mass = torch.logsumexp(lp_t.masked_fill(~keep, -math.inf), dim=-1, keepdim=True)
+            inner = torch.log_softmax(mixed.masked_fill(~keep, -math.inf), dim=-1)
+            return torch.where(keep, inner + mass, lp_t)
         mixed = torch.where(keep, mixed, lp_t)
     return torch.log_softmax(mixed, dim=-1)
 
@@ -269,11 +290,12 @@ def _guarded(self, ids, mask, pos, prompt_len: int | None = None):
     """ECO: flag inputs by the classifier, corrupt the flagged ones' prompt embeddings.
 
     The prompt is the first ``prompt_len`` positions (in ``generate``: the input given; in a
-    scoring forward pass: the whole input).  The noise of a flagged row is drawn from a
-    generator seeded by the rule's ``seed`` and the row's prompt tokens, so one prompt is
-    corrupted the same way at every step of generation and on every machine."""
-    import hashlib
-
+    scoring forward pass: the whole input).  The noise of a flagged row (``prompt_noise``) is
+    drawn from a generator seeded by the rule's ``seed`` and the row's prompt tokens, so one
+    prompt is corrupted the same way at every step of generation and on every machine.
+    ECO's ``rand_noise_first_n`` with every embedding dimension, its noise std σ =
+    strength × the embedding matrix's std (ECO leaves a prompt's last token as it is; here
+    every prompt token is corrupted)."""
     import torch
 
     target, clf = self.parts["target"], self.parts["classifier"]
@@ -289,12 +311,29 @@ def _guarded(self, ids, mask, pos, prompt_len: int | None = None):
     embeds = emb_layer(ids)
     if bool(flagged.any()):
         scale = float(self.params["strength"]) * float(emb_layer.weight.float().std())
-        noise = torch.zeros_like(embeds)
-        for r in range(ids.shape[0]):
-            if flagged[r]:
-                h = hashlib.sha256(f"{self.params['seed']}:{prompts[r].tolist()}".encode()).digest()
-                g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little"))
-                noise[r, :width] = torch.randn((width, embeds.shape[-1]), generator=g).to(embeds)
-        embeds = embeds + scale * noise
+        noise = prompt_noise(ids, mask_, width, int(self.params["seed"]), embeds.shape[-1], rows=flagged)
+        embeds = embeds + scale * noise.to(embeds)
     self.last_flagged = flagged
     return _logprobs(target, ids, mask, pos, embeds=embeds)
+
+
+def prompt_noise(ids, mask, width: int, seed: int, dim: int, rows=None):
+    """The guarded rule's unscaled noise [B, T, dim]: standard Gaussian on the prompt's tokens
+    (the attended positions among the first ``width``), zero elsewhere and on rows not in
+    ``rows`` (a bool mask; None: every row).  A row's noise is drawn from a generator seeded
+    by ``seed`` and its prompt tokens, one vector per token in order, so a prompt is
+    corrupted the same way whatever the batch, its padding or the step of generation."""
+    import hashlib
+
+    import torch
+
+    noise = torch.zeros((*ids.shape, dim))
+    for r in range(ids.shape[0]):
+        if rows is not None and not rows[r]:
+            continue
+        at = mask[r, :width].bool().nonzero().flatten().cpu()
+        tokens = ids[r, :width][at.to(ids.device)]
+        h = hashlib.sha256(f"{seed}:{tokens.tolist()}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little"))
+        noise[r, at] = torch.randn((len(at), dim), generator=g)
+    return noise.to(ids.device)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from weightflow.dsl.lang.spec import DeltaRef, Dtype, DtypeParam, FiniteFloat, ModelRef, SeedParam
-from weightflow.ops.lib.params import PerTensor, check_range
+from weightflow.ops.lib.params import PerDelta, PerTensor, check_range, for_delta
 from weightflow.ops.lib.vocab import TokenizerChoice, any_of_schema
 
 # -- params shared by the methods ---------------------------------------------------------
@@ -77,6 +77,17 @@ class DeltaMergeParams(MergeCommon):
         "them; smaller ones: 'pad' fills with zero delta")
 
     @model_validator(mode="after")
+    def _one_density_per_delta(self):
+        """A per-delta ``density`` list has one entry per delta."""
+        from weightflow.ops.lib.params import is_per_delta
+
+        density = getattr(self, "density", None)
+        if is_per_delta(density) and len(density) != len(self.deltas):
+            raise ValueError(f"expected one density per entry of 'deltas' ({len(self.deltas)}), "
+                             f"got {len(density)}")
+        return self
+
+    @model_validator(mode="after")
     def _vocab_or_tokenizer(self):
         if self.tokenizer is not None and self.vocab != "error":
             raise ValueError(f"give either vocab: {self.vocab} (cut or pad rows by position) or tokenizer: "
@@ -88,15 +99,19 @@ def check_density(v):
     return check_range(v, 0.0, 1.0, "density", lo_open=True)
 
 
-def densities(value: PerTensor) -> list[float]:
-    """Every number a PerTensor value can take (for cross-field checks)."""
+def densities(value) -> list[float]:
+    """Every number a PerTensor (or per-delta) value can take (for cross-field checks)."""
+    from weightflow.ops.lib.params import is_per_delta
+
+    if is_per_delta(value):
+        return [d for v in value for d in densities(v)]
     return [value] if isinstance(value, (int, float)) else [r.value for r in value]
 
 
 class DareParams(DeltaMergeParams, SeedParam):
     """The DARE selection's parameters (dare-ties, dare-linear)."""
 
-    density: PerTensor = Field(description="DARE keep probability 1 - p, in (0, 1]")
+    density: PerDelta = Field(description="DARE keep probability 1 - p, in (0, 1]; or one per delta")
     seed: int | None = Field(None, ge=0, description="mask seed (default: the pipeline's)")
     rescale: Literal["dare", "l1", "none"] = Field("dare", description="kept values / density (dare), "
                                                    "to the original L1 norm (l1), or unscaled")
@@ -495,7 +510,8 @@ def magnitude_trim(p, t: TensorOfDelta) -> Callable:
     if isinstance(t.prepared, ModelTrim):
         sel, first = t.prepared.topk, t.prepared.first_chunk[t.name]
     else:
-        sel = TopK.fit(t.chunks, count_for(resolve(p.density, t.name), t.numel), map_chunks=t.map_chunks)
+        dens = resolve(for_delta(p.density, t.index), t.name)
+        sel = TopK.fit(t.chunks, count_for(dens, t.numel), map_chunks=t.map_chunks)
         first = 0
     return ChunkSelection(lambda c, j: sel.take_at(c, first + j), fresh=True)
 
@@ -527,7 +543,7 @@ def prepare_magnitude_trim(p, base, deltas: list[DeltaInput], chunks_of) -> dict
         numel = sum(math.prod(base.info[n].shape) for n in names)
         over = getattr(chunks_of, "map_over", None)  # on the merge's workers
         each = (lambda fn, d=d, names=names, over=over: over(d, names, fn)) if over else None
-        topk = TopK.fit(all_chunks, count_for(float(p.density), numel), map_chunks=each)
+        topk = TopK.fit(all_chunks, count_for(float(for_delta(p.density, i)), numel), map_chunks=each)
         fitted[i] = ModelTrim(topk, first)
     return fitted
 
@@ -537,7 +553,7 @@ def breadcrumbs(p, t: TensorOfDelta) -> Callable:
     from weightflow.ops.lib.params import resolve
     from weightflow.ops.lib.sparsify import TopK, keep_bits
 
-    dens = resolve(p.density, t.name)
+    dens = resolve(for_delta(p.density, t.index), t.name)
     n_top = int(p.gamma * t.numel)  # counted as mergekit's breadcrumbs does
     upper = TopK.fit(t.chunks, n_top + int(dens * t.numel), map_chunks=t.map_chunks)
     lower = TopK.fit(t.chunks, n_top, map_chunks=t.map_chunks)
@@ -562,7 +578,7 @@ def dare(p, t: TensorOfDelta) -> Callable:
     from weightflow.ops.lib.params import resolve
     from weightflow.ops.lib.sparsify import keep_bits, random_keep
 
-    drop = 1.0 - resolve(p.density, t.name)
+    drop = 1.0 - resolve(for_delta(p.density, t.index), t.name)
     keep = 1.0 - drop  # the same float as dare-prune's 1 - drop_rate
 
     def mask(c, start: int):
@@ -587,7 +603,7 @@ def della(p, t: TensorOfDelta) -> Callable:
     from weightflow.ops.lib.params import resolve
     from weightflow.ops.lib.sparsify import della_keep_prob, keep_bits, random_uniform
 
-    dens = resolve(p.density, t.name)
+    dens = resolve(for_delta(p.density, t.index), t.name)
 
     def part(c, start: int):
         prob = della_keep_prob(c, dens, p.epsilon)

@@ -35,6 +35,19 @@ def _default_last(rules: list[Rule]) -> list[Rule]:
 
 RuleList = Annotated[list[Rule], AfterValidator(_default_last)]
 PerTensor = FiniteFloat | RuleList
+# One value for every delta of a merge, or one per delta in the order of ``deltas`` (mergekit's
+# per-model ``density``: ``[1.0, 0.7, 0.1]``); each value a number or per-tensor rules.
+PerDelta = PerTensor | list[PerTensor]
+
+
+def is_per_delta(value) -> bool:
+    """A list with one value per delta (not a single rule list)."""
+    return isinstance(value, list) and bool(value) and not isinstance(value[0], Rule)
+
+
+def for_delta(value, index: int) -> PerTensor:
+    """The value delta ``index`` takes: its entry of a per-delta list, else ``value`` itself."""
+    return value[index] if is_per_delta(value) else value
 
 
 def resolve(value: PerTensor, tensor: str) -> float:
@@ -48,7 +61,12 @@ def resolve(value: PerTensor, tensor: str) -> float:
 
 
 def check_range(value: PerTensor, lo: float, hi: float, what: str, lo_open=False, hi_open=False) -> PerTensor:
-    """Check every number of a PerTensor against [lo, hi] (open ends as asked)."""
+    """Check every number of a PerTensor (or of each entry of a per-delta list) against [lo, hi]
+    (open ends as asked)."""
+    if is_per_delta(value):
+        for v in value:
+            check_range(v, lo, hi, what, lo_open, hi_open)
+        return value
     values = [value] if isinstance(value, (int, float)) else [r.value for r in value]
     for v in values:
         bad = v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi)

@@ -103,6 +103,12 @@ class LoraParams(AliasedParams):
         return v
 
 
+def _off(value) -> bool:
+    """An opt-in speed setting that is off is left out of the params dump, so the keys of steps
+    that do not use it stay as they were before it existed."""
+    return not value
+
+
 class TrainParams(AliasedParams, SeedParam, DtypeParam):
     """Keys shared by every training op: data mapping, optimisation, LoRA, output dtype."""
 
@@ -138,11 +144,16 @@ class TrainParams(AliasedParams, SeedParam, DtypeParam):
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", validation_alias=aliased("lr_scheduler", "lr_scheduler_type"),
         description="decay after warm-up (alias: lr_scheduler_type)")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (betas 0.9, 0.999, eps 1e-8) or sgd")
+    optimizer: Literal["adamw", "sgd", "adamw_torch_fused"] = Field(
+        "adamw", description="adamw (betas 0.9, 0.999, eps 1e-8), sgd, or adamw_torch_fused: the same "
+        "update in torch's fused kernel (HF Trainer's default; faster, other last-bit rounding)")
     max_grad_norm: FiniteFloat | None = Field(1.0, ge=0, description="clip the gradient norm (0 or null: off)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     logging_steps: int = Field(1, ge=1, description="record the training curve every N steps")
     lora: LoraParams | None = Field(None, description="train LoRA adapters instead of all weights")
+    bf16: bool = Field(False, exclude_if=_off, description="forward and backward under bfloat16 autocast "
+                       "(weights, gradients and optimizer stay float32): faster where the CPU or GPU has "
+                       "bfloat16 units, other numerics")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cpu (bit-reproducible) or cuda")
     seed: int | None = Field(None, ge=0, description="seed (default: the pipeline's)")
     dtype: Dtype | None = Field(None, description="dtype of the stored weights (default: pipeline dtype)")
@@ -154,6 +165,30 @@ class TrainParams(AliasedParams, SeedParam, DtypeParam):
                              "response only) or neither (loss on the whole text)")
         if self.chat_template and self.prompt_field is None:
             raise ValueError("'chat_template' needs 'prompt_field' and 'response_field'")
+        return self
+
+
+class BatchingParams(AliasedParams):
+    """How ``finetune`` forms its batches beyond the default (off: shuffled, right-padded).
+
+    Both change which tokens share a forward pass, hence the numerics, so they are opt-in and
+    in the key only when on.
+    """
+
+    group_by_length: bool = Field(False, exclude_if=_off, description="batches of examples of similar "
+                                  "length (HF's group_by_length): less padding, a different example "
+                                  "order; deterministic from shuffle_seed")
+    packing: bool = Field(False, exclude_if=_off, description="causal LM: pack each batch's examples "
+                          "into as few rows of max_length tokens as fit (no padding between them); "
+                          "position ids restart and attention stays within each example, so the loss "
+                          "is that of the unpacked batch")
+
+    @model_validator(mode="after")
+    def _not_with_s3t(self):
+        if getattr(self, "slices", None) is not None:
+            on = [k for k in ("group_by_length", "packing") if getattr(self, k)]
+            if on:
+                raise ValueError(f"{', '.join(on)}: not used by S3T (slices); leave it out")
         return self
 
 

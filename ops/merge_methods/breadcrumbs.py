@@ -15,7 +15,7 @@ from weightflow.ops.lib.merging import (
     densities,
     optional_sign_consensus,
 )
-from weightflow.ops.lib.params import PerTensor
+from weightflow.ops.lib.params import PerDelta
 from weightflow.ops.merge_methods import MergeMethod
 
 
@@ -24,7 +24,7 @@ class BreadcrumbsParams(DeltaMergeParams):
     `density`; combine by a weighted sum, or TIES with `sign_consensus: true`."""
 
     method: Literal["breadcrumbs"]
-    density: PerTensor = Field(description="fraction kept, in (0, 1]")
+    density: PerDelta = Field(description="fraction kept, in (0, 1]; or one per delta")
     gamma: FiniteFloat = Field(0.01, ge=0, lt=1, description="fraction of largest magnitudes dropped")
     sign_consensus: bool = Field(False, description="combine with TIES sign election")
     normalize: bool = Field(True, description="with sign_consensus: disjoint mean or sum")

@@ -25,7 +25,7 @@ from weightflow.ops.lib.merging import (
     densities,
     sign_consensus,
 )
-from weightflow.ops.lib.params import PerTensor
+from weightflow.ops.lib.params import PerDelta
 from weightflow.ops.merge_methods import MergeMethod
 from weightflow.ops.merge_methods._task_vectors import l1_rescale, rescale_choice
 
@@ -35,7 +35,7 @@ class BreadcrumbsTiesParams(DeltaMergeParams):
     TIES sign election and the disjoint sum (or mean with `normalize`) of the agreeing elements."""
 
     method: Literal["breadcrumbs-ties"]
-    density: PerTensor = Field(description="fraction kept, in (0, 1]")
+    density: PerDelta = Field(description="fraction kept, in (0, 1]; or one per delta")
     gamma: FiniteFloat = Field(0.01, ge=0, lt=1, description="fraction of largest magnitudes dropped")
     rescale: Literal["l1", "none"] | StrictBool = Field("none", description="kept values to the delta's L1 norm "
                                                   "(l1 or true) or unscaled (none or false)")

@@ -15,7 +15,7 @@ from weightflow.ops.lib.merging import (
     densities,
     optional_sign_consensus,
 )
-from weightflow.ops.lib.params import PerTensor
+from weightflow.ops.lib.params import PerDelta
 from weightflow.ops.merge_methods import MergeMethod
 
 
@@ -25,7 +25,7 @@ class DellaParams(DeltaMergeParams, SeedParam):
     then TIES sign consensus (or a plain sum with `sign_consensus: false`)."""
 
     method: Literal["della"]
-    density: PerTensor = Field(description="mean keep probability, in (0, 1]")
+    density: PerDelta = Field(description="mean keep probability, in (0, 1]; or one per delta")
     epsilon: FiniteFloat = Field(0.15, ge=0, description="spread of keep probabilities: density ± epsilon")
     seed: int | None = Field(None, ge=0, description="mask seed (default: the pipeline's)")
     rescale: Literal["dare", "l1", "none"] = Field("dare", description="kept values / their own keep "

@@ -24,7 +24,7 @@ from weightflow.ops.lib.merging import (
     densities,
     no_consensus,
 )
-from weightflow.ops.lib.params import PerTensor, resolve
+from weightflow.ops.lib.params import PerDelta, resolve
 from weightflow.ops.merge_methods import MergeMethod
 from weightflow.ops.merge_methods._task_vectors import RescaleOrBool, rescale_choice
 
@@ -36,7 +36,7 @@ class DellaLinearParams(DeltaMergeParams, SeedParam):
     rescale) on each delta, then base + lambda · Σ wᵢ·δ̂ᵢ (divided by Σ wᵢ with `normalize`)."""
 
     method: Literal["della-linear"]
-    density: PerTensor = Field(description="mean keep probability, in (0, 1]")
+    density: PerDelta = Field(description="mean keep probability, in (0, 1]; or one per delta")
     epsilon: FiniteFloat = Field(0.15, ge=0, description="spread of keep probabilities: density ± epsilon")
     seed: int | None = Field(None, ge=0, description="mask seed (default: the pipeline's)")
     rescale: RescaleOrBool = Field("l1", description="kept values to the delta's L1 norm (l1 or true, "

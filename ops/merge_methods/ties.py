@@ -14,7 +14,7 @@ from weightflow.ops.lib.merging import (
     prepare_magnitude_trim,
     sign_consensus,
 )
-from weightflow.ops.lib.params import PerTensor
+from weightflow.ops.lib.params import PerDelta
 from weightflow.ops.merge_methods import MergeMethod
 
 
@@ -24,7 +24,7 @@ class TiesParams(DeltaMergeParams):
     sum with `normalize: false`)."""
 
     method: Literal["ties"]
-    density: PerTensor = Field(description="fraction of each delta kept by magnitude, in (0, 1]")
+    density: PerDelta = Field(description="fraction of each delta kept by magnitude, in (0, 1]; or one per delta")
     normalize: bool = Field(True, description="disjoint weighted mean (true) or disjoint sum (false)")
     trim_scope: Literal["tensor", "model"] = Field("tensor", description="rank magnitudes per tensor "
                                                    "or over the whole delta")
@@ -32,8 +32,10 @@ class TiesParams(DeltaMergeParams):
 
     @model_validator(mode="after")
     def _scope(self):
-        if self.trim_scope == "model" and not isinstance(self.density, (int, float)):
-            raise ValueError("trim_scope: model needs one number for 'density', not per-tensor rules")
+        one_number = isinstance(self.density, (int, float)) or (
+            isinstance(self.density, list) and all(isinstance(d, (int, float)) for d in self.density))
+        if self.trim_scope == "model" and not one_number:
+            raise ValueError("trim_scope: model needs a number for 'density' (or one per delta), not per-tensor rules")
         return self
 
 

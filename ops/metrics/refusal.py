@@ -129,5 +129,6 @@ def label_file(m: RefusalMetric) -> str | None:
 METRIC = Metric(
     name="refusal", params=RefusalMetric, compute=refusal, doc=__doc__, preflight=preflight,
     fingerprint=fingerprint, label_file=label_file,
+    version=2,  # 2: decoding with the KV cache (greedy answers may differ in the last float bits)
     columns=(("refusal_rate", None, True), ("n", None, False)),
 )

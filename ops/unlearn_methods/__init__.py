@@ -25,6 +25,13 @@ of decoder layer ``opts["layer"]``, and on retain batches the frozen input model
 ``retain_loss`` replaces the op's nll/kl retain term, ``trainable`` picks the parameters
 that are updated, ``refuses`` names training keys it does not take, ``tasks`` those it
 is defined for.
+
+A method whose result is not one set of weights (ULD's logit difference, ECO's prompt
+guard) gives ``write``: the step then outputs a Composite (ops/lib/composite.py) that
+``write(job)`` puts into ``job.ctx.out``, and nothing else is saved.  ``trains`` makes,
+from the input model, the model the loop trains instead of it (ULD's assistant); the
+input model stays as it was (``job.target``).  A ``Param`` with ``required=True`` must be
+given for its method (ECO's ``classifier``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class Param:
     gt: float | None = None
     ge: float | None = None
     annotation: Any = FiniteFloat
+    required: bool = False  # the method needs a value (its default is only a placeholder)
 
     @property
     def shape(self) -> tuple:
@@ -88,6 +96,9 @@ class UnlearnMethod:
     retain_loss: Callable[..., Any] | None = None  # (RetainBatch, opts) -> L_retain, instead of nll/kl
     trainable: Callable[..., set] | None = None  # (model, opts) -> names of the parameters updated
     refuses: tuple[str, ...] = ()  # training keys that do not apply to it (e.g. "lora")
+    trains: Callable[..., Any] | None = None  # (input model, opts) -> the model the loop trains instead
+    write: Callable[..., dict] | None = None  # (Job) -> info: writes the step's Composite into job.ctx.out
+    check: Callable[[dict], None] | None = None  # (its keys -> values) -> ValueError on a bad combination
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -101,6 +112,11 @@ class UnlearnMethod:
     @property
     def gradient(self) -> bool:
         return self.apply is None
+
+    @property
+    def composite(self) -> bool:
+        """Whether the step outputs a Composite (``write``) rather than the model's weights."""
+        return self.write is not None
 
 
 @dataclass
@@ -171,6 +187,7 @@ class RetainBatch:
     task: str
     hidden: Any = None  # [B, T, d] output of decoder layer opts["layer"] (needs_hidden)
     ref_hidden: Any = None  # the same of the frozen input model (needs_hidden)
+    attention_mask: Any = None  # [B, T] 1 on the tokens, 0 on padding
 
 
 def decoder_layers(model) -> Any:
@@ -235,6 +252,13 @@ class Job:
     device: str
     opts: dict  # its method-specific keys -> values
     ctx: Any  # the op's context (progress bars, warnings)
+    # for ``write`` (and an ``apply`` that needs them):
+    target: Any = None  # the input model as loaded (unchanged when the method ``trains`` another)
+    art: Any = None  # the input model's artifact (``.path``: its stored directory)
+    inputs: Any = None  # the step's inputs (other models it names, e.g. ECO's classifier)
+    params: Any = None  # the step's validated params (data mapping, training keys)
+    encoder: Any = None  # the data encoder (the input model's tokenizer)
+    state: dict = field(default_factory=dict)  # what ``apply`` hands to ``write``
 
 
 def field_name(key: str) -> str:
@@ -312,3 +336,38 @@ def bullet(method: UnlearnMethod) -> str:
 
     return textwrap.fill(text, width=88, initial_indent="- ", subsequent_indent="  ",
                          break_on_hyphens=False, break_long_words=False)
+
+
+class _Into:
+    """What ``training.save_model`` uses of an op's context, writing into ``out`` instead of
+    the step's output directory (a component of a composite being written)."""
+
+    def __init__(self, ctx: Any, out: Any) -> None:
+        self._ctx, self.out = ctx, out
+        out.mkdir(parents=True)
+
+    def tensor_writer(self, plan: list, prefix: str = "model", metadata: dict | None = None) -> Any:
+        from weightflow.dsl.format.checkpoint import ShardedWriter
+
+        return ShardedWriter(self.out, plan, prefix=prefix, max_shard_bytes=self._ctx.shard_bytes, metadata=metadata)
+
+    def __getattr__(self, name: str) -> Any:  # progress, warn, log: the step's own
+        return getattr(self._ctx, name)
+
+
+def save_component(job: Job, name: str, model: Any, side_from: Any) -> str:
+    """Store ``model`` as component ``name`` of the composite ``write`` is putting in
+    ``job.ctx.out``: saved as unlearn saves a model (``training.save_model``: safetensors in
+    the step's dtype, with the tokenizer files of the model directory ``side_from``), then
+    placed in its subdirectory."""
+    import tempfile
+    from pathlib import Path
+
+    from weightflow.ops.lib import composite
+    from weightflow.ops.lib import training as T
+
+    ctx = job.ctx
+    with tempfile.TemporaryDirectory(dir=ctx.out.parent) as tmp:
+        into = _Into(ctx, Path(tmp) / name)
+        T.save_model(model.to("cpu"), Path(side_from), into, job.params.dtype or ctx.dtype)
+        return composite.add_component(ctx.out, name, into.out)
