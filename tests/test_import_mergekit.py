@@ -126,6 +126,11 @@ CASES = {
                        "parameters": {"normalize": True, "int8_mask": True, "density": [1, 0.7, 0.1]},
                        "models": _models(m, ("base", None), ("a", {"weight": 1.0}),
                                          ("b", {"weight": [0, 0.3, 0.7, 1]}))},
+    # mergekit's README TIES example's shape: a density per model, one of them a gradient
+    "ties_per_model": lambda m: {"merge_method": "ties", "base_model": m["base"], "dtype": "float32",
+                                 "parameters": {"normalize": True},
+                                 "models": _models(m, ("a", {"weight": 1.0, "density": [1, 0.7, 0.1]}),
+                                                   ("b", {"weight": 0.5, "density": 0.4}))},
     # normalize: true on a plain sum, lambda
     "task_arithmetic": lambda m: {"merge_method": "task_arithmetic", "base_model": m["base"], "dtype": "float32",
                                   "parameters": {"normalize": True, "lambda": 0.8},
@@ -190,7 +195,7 @@ CASES = {
     "bfloat16": lambda m: {"merge_method": "task_arithmetic", "base_model": m["base"], "dtype": "bfloat16",
                            "models": _models(m, ("a", {"weight": 0.6}), ("b", {"weight": 0.3}))},
 }
-FAST = ("slerp", "linear", "ties", "task_arithmetic", "dare_ties", "passthrough")
+FAST = ("slerp", "linear", "ties", "ties_per_model", "task_arithmetic", "dare_ties", "passthrough")
 # mergekit rounds each intermediate of a bf16 delta merge to bf16, weightflow only the result: a few
 # bf16 steps apart at these magnitudes (|w| < 0.25: a step is at most 2^-3/128 ~ 1e-3); float16
 # outputs differ by one float16 step where float32 sums round the other way
@@ -277,16 +282,13 @@ def _per_model_dare(m: dict, method: str = "dare_ties") -> dict:
             "models": _models(m, ("a", {"weight": 1.0, "density": 0.8}), ("b", {"weight": 0.5, "density": 0.3}))}
 
 
-def test_per_model_dare_densities_become_dare_prune_steps(models, tmp_path):
+def test_per_model_dare_densities_become_a_density_per_delta(models, tmp_path):
     steps = yaml.safe_load(mki.import_mergekit(write(tmp_path, _per_model_dare(models))).text)["steps"]
-    assert steps["ft_a_delta_dare"] == {"op": "dare-prune", "delta": "ft_a_delta", "drop_rate": 0.2,
-                                        "selection": "random", "rescale": "l1"}
-    assert steps["ft_b_delta_dare"]["drop_rate"] == 0.7
     merge = steps["merged"]
-    assert merge["method"] == "ties" and merge["density"] == 1.0 and merge["normalize"] is False
-    assert merge["deltas"] == ["ft_a_delta_dare", "ft_b_delta_dare"]
+    assert merge["method"] == "dare-ties" and merge["density"] == [0.8, 0.3]
+    assert merge["deltas"] == ["ft_a_delta", "ft_b_delta"] and not any(s["op"] == "dare-prune" for s in steps.values())
     linear = yaml.safe_load(mki.import_mergekit(write(tmp_path, _per_model_dare(models, "dare_linear"))).text)
-    assert linear["steps"]["merged"]["method"] == "task-arithmetic"
+    assert linear["steps"]["merged"]["method"] == "dare-linear" and linear["steps"]["merged"]["density"] == [0.8, 0.3]
 
 
 @pytest.mark.slow
@@ -392,7 +394,6 @@ ERRORS = [
     # (config change, key named, words in the reason)
     ({"merge_method": "frankenmerge"}, "merge_method", "unknown mergekit merge method"),
     ({"merge_method": "ties", "models": "M+lora"}, "models[1].model", "LoRA"),
-    ({"merge_method": "ties", "per_model_density": True}, "models[2].parameters.density", "same density"),
     ({"merge_method": "ties", "parameters": {"rescale": True}}, "parameters.rescale", "L1 rescale"),
     ({"merge_method": "ties", "no_weight": True}, "models[2].parameters.weight", "no default"),
     ({"merge_method": "ties", "dtype": "float64"}, "dtype", "float32, float16 or bfloat16"),
@@ -424,8 +425,6 @@ def _error_config(m: dict, change: dict) -> dict:
                                 ("b", {"weight": 0.5, "density": 0.5}))}
     if change.pop("models", None) == "M+lora":
         config["models"][1]["model"] = f"{m['a']}+{m['b']}"
-    if change.pop("per_model_density", None):
-        config["models"][2]["parameters"]["density"] = 0.7
     if change.pop("no_density", None):
         for entry in config["models"][1:]:
             del entry["parameters"]["density"]
