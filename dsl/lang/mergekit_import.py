@@ -27,8 +27,7 @@ validate the file, so what is written is a pipeline that loads.
 
 A per-model parameter that a weightflow method takes once (``density``, ``gamma``,
 ``epsilon``) must agree across the models, or the method's field must take one value per
-model; DARE with different densities becomes a ``dare-prune`` step per delta followed by
-``ties`` / ``task-arithmetic`` at density 1.  mergekit's ``normalize`` on a plain weighted
+model (the task-vector merges take a ``density`` per delta).  mergekit's ``normalize`` on a plain weighted
 sum divides the weights by their sum.  Random masks (DARE, DELLA) come from weightflow's
 seed, so those merges equal mergekit's in distribution, not bit for bit.
 
@@ -109,9 +108,7 @@ class MethodMap:
     ``slices`` (passthrough: ``slices:`` or the one model).  ``base``: mergekit's base
     policy (``required``, ``optional``, ``ignored``); ``others``: the (min, max) number of
     non-base inputs.  ``random``: masks are drawn by weightflow's seed, so tensors equal
-    mergekit's in distribution, not bit for bit.  ``prune_then``: where the models have
-    different densities, an explicit ``dare-prune`` step per delta (its own drop rate), then
-    this method over the pruned deltas (weightflow's inline DARE equals that, at density 1).
+    mergekit's in distribution, not bit for bit.
     """
 
     mergekit: str
@@ -121,15 +118,23 @@ class MethodMap:
     base: str = "required"
     others: tuple[int, int | None] = (1, None)
     random: bool = False
-    prune_then: str | None = None  # per-model densities: dare-prune steps, then this method
 
 
 _NO_L1 = "weightflow has no L1 rescale for this method (mergekit's rescale: true)"
 
 
+def _numbers(value) -> list[float]:
+    """Every number a density holds: one number, per-tensor rules, or one of those per delta."""
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [float(value["value"])]
+    return [x for item in value for x in _numbers(item)]
+
+
 def _gta(name: str, weightflow: str, *, density: str = "rules", normalize: bool = False, normalize_to: str = "number",
          rescale: bool = False, rescale_to: str = "fixed", extra: tuple[Param, ...] = (),
-         random: bool = False, prune_then: str | None = None) -> MethodMap:
+         random: bool = False) -> MethodMap:
     """mergekit's generalised task arithmetic methods share their parameters."""
     params = (
         Param("weight", "non_base", to="weights"),
@@ -140,7 +145,7 @@ def _gta(name: str, weightflow: str, *, density: str = "rules", normalize: bool 
         Param("int8_mask", "shared", "bool", default=False, to="none"),
         *extra,
     )
-    return MethodMap(name, weightflow, "deltas", params, random=random, prune_then=prune_then)
+    return MethodMap(name, weightflow, "deltas", params, random=random)
 
 
 _GAMMA = Param("gamma", "non_base", default=0.01, to="number", field="gamma")
@@ -178,9 +183,8 @@ METHODS: dict[str, MethodMap] = {m.mergekit: m for m in (
     ), base="ignored", others=(1, 1)),
     _gta("task_arithmetic", "task-arithmetic", density="none", normalize_to="divide", rescale_to="none"),
     _gta("ties", "ties", normalize=True),
-    _gta("dare_ties", "dare-ties", rescale=True, rescale_to="rescale", random=True, prune_then="ties"),
-    _gta("dare_linear", "dare-linear", normalize_to="divide", rescale=True, rescale_to="rescale", random=True,
-         prune_then="task-arithmetic"),
+    _gta("dare_ties", "dare-ties", rescale=True, rescale_to="rescale", random=True),
+    _gta("dare_linear", "dare-linear", normalize_to="divide", rescale=True, rescale_to="rescale", random=True),
     _gta("breadcrumbs", "breadcrumbs", normalize_to="divide", extra=(_GAMMA,)),
     _gta("breadcrumbs_ties", "breadcrumbs-ties", rescale_to="rescale", extra=(_GAMMA,)),
     _gta("della", "della", normalize=True, rescale=True, rescale_to="rescale", extra=(_EPSILON,), random=True),
@@ -479,7 +483,6 @@ class _Translator:
         self.loads: dict[str, Model] = {}   # ref -> the model loaded for it
         self.delta_steps: dict[str, dict] = {}
         self.params_cls: type | None = None  # the weightflow method's params
-        self.prune_densities: list[float] | None = None
 
     # errors --------------------------------------------------------------------------
     def problem(self, key: str, why: str) -> ImportProblem:
@@ -827,10 +830,6 @@ class _Translator:
         texts = [json.dumps(v) for v in values]
         if len(set(texts)) > 1 and self._takes_list(p.field or p.name, values):
             return values
-        if len(set(texts)) > 1 and p.name == "density" and mm.prune_then and \
-                all(isinstance(v, float) for v in values):
-            self.prune_densities = values  # one dare-prune step per delta, at its own rate
-            return 1.0
         if len(set(texts)) > 1:
             i = next(i for i, t in enumerate(texts) if t != texts[0])
             raise self.problem(where(i), f"weightflow's {mm.weightflow} takes one {p.field} for all models, but "
@@ -953,8 +952,6 @@ class _Translator:
         merge.update(fields)
         merge.update(FIXED.get(mm.weightflow, {}))
         self.full_density(merge)
-        if self.prune_densities is not None and mm.prune_then:
-            self.prune_first(merge, mm.prune_then, self.prune_densities)
         return merge, models
 
     def full_density(self, merge: dict) -> None:
@@ -962,31 +959,15 @@ class _Translator:
         epsilon go unused there); weightflow says the same with gamma / epsilon 0."""
         spread = next((k for k in ("gamma", "epsilon") if k in merge), None)
         density = merge.get("density")
-        if spread is None or not merge[spread]:
+        if spread is None or not merge[spread] or density is None:
             return
-        if density == 1.0:
+        values = _numbers(density)
+        if all(v == 1.0 for v in values):
             merge[spread] = 0.0
-        elif isinstance(density, list) and any(r["value"] >= 1.0 for r in density):
+        elif any(v >= 1.0 for v in values):
             raise self.problem("parameters.density", f"density 1 for some tensors keeps all their elements in "
                                f"mergekit ({spread} unused there), but weightflow's {merge['method']} takes one "
                                f"{spread} for all tensors: give density below 1 everywhere, or {spread}: 0")
-
-    def prune_first(self, merge: dict, method: str, densities: list[float]) -> None:
-        """DARE with a density per model: a ``dare-prune`` step per delta (drop rate 1 − density,
-        mergekit's L1 rescale unless ``rescale: false``), then ``method`` at density 1."""
-        rescale = merge.pop("rescale")
-        merge.pop("density")
-        pruned = []
-        for delta, density in zip(merge["deltas"], densities, strict=True):
-            name = _step_name(f"{delta}_dare", self.taken)
-            self.delta_steps[name] = {"op": "dare-prune", "delta": delta, "drop_rate": round(1.0 - density, 12),
-                                      "selection": "random", "rescale": rescale}
-            pruned.append(name)
-        merge["method"], merge["deltas"] = method, pruned
-        if method == "ties":
-            merge["density"] = 1.0
-        else:
-            merge.pop("normalize", None)
 
     def delta_step(self, m: Model, base: Model | None) -> str:
         name = _step_name(f"{m.step}_delta", self.taken)
