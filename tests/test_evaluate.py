@@ -451,7 +451,7 @@ steps:
       - delta_norm: {base: r}
       - delta_norm: {base: nope}
 """, "refs.yaml")
-    expect = {7: "'models[1]' expects a Model, but step 'r' (op 'evaluate') produces a Report",
+    expect = {7: "'models[1]' expects a Model or Composite, but step 'r' (op 'evaluate') produces a Report",
               9: "data file not found", 10: "'metrics[1].delta_norm.base' expects a Model",
               11: "unknown step 'nope'"}
     for line, msg in expect.items():

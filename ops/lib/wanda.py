@@ -21,6 +21,7 @@ consecutive weights of a row (so 2:4 and 4:8 are 50% sparse).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import math
@@ -161,6 +162,60 @@ def block_inputs(model, block0, batches: list[tuple[torch.Tensor, torch.Tensor]]
     return got
 
 
+class _Statistics:
+    """Σx² per input feature of the chosen linears of a block, over the calibration batches.
+
+    Only the linears' inputs are needed, not the block's output (the pruned block is run
+    again for that), so each batch stops at the input of the block's last chosen linear
+    in call order (learnt on the first run, checked on every one): in a Llama block that
+    skips ``down_proj``'s matmul, a quarter of the block's linear work.  Linears fed the
+    same tensor (q/k/v, gate/up) share one sum.  Every sum is the one the plain hooks
+    compute, added in the same order: the statistics are bit-identical.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.order: list[str] | None = None  # relative names of the chosen linears, in call order
+
+    def collect(self, i: int, block, sel: dict, inputs: list, token_masks: list, device: str) -> dict:
+        sq = {name: torch.zeros(weight_rows(mod).shape[1], dtype=torch.float64, device=device)
+              for name, mod in sel.items()}
+        head = f"{self.prefix}.{i}."
+        stop = head + self.order[-1] if self.order and {head + r for r in self.order} == set(sel) else None
+        state: dict = {}
+
+        def hook(_mod, args, *, name):
+            x = args[0]
+            if state["last"][0] is not x:  # q/k/v (gate/up) get the same tensor: sum it once
+                tm = state["mask"]
+                masked = tm is not None and tuple(x.shape[:-1]) == tuple(tm.shape)
+                state["last"] = (x, sum_of_squares(x[tm] if masked else x.reshape(-1, x.shape[-1])))
+            state["sums"].append((name, state["last"][1]))
+            if name == state["stop"]:
+                raise _Stop
+
+        handles = [mod.register_forward_pre_hook(functools.partial(hook, name=name)) for name, mod in sel.items()]
+        try:
+            for (args, kwargs), tm in zip(inputs, token_masks, strict=True):
+                state.update(mask=tm, last=(None, None), sums=[], stop=stop)
+                with contextlib.suppress(_Stop):
+                    block(*args, **kwargs)
+                called = sorted(n for n, _ in state["sums"])
+                if stop is not None and called != sorted(sel):  # not each once before the stop:
+                    stop = None  # run this block whole from now on
+                    state.update(last=(None, None), sums=[], stop=None)
+                    block(*args, **kwargs)
+                if self.order is None and called == sorted(sel):
+                    self.order = [n.removeprefix(head) for n, _ in state["sums"]]
+                    stop = head + self.order[-1]
+                for name, s in state["sums"]:  # in call order, as the plain hooks add them
+                    sq[name] += s
+        finally:
+            for h in handles:
+                h.remove()
+        return sq
+
+
 def pad_batches(samples: list[torch.Tensor], batch_size: int, pad: int, device: str):
     """Right-padded (input_ids, attention_mask) batches of the samples, in order."""
     out = []
@@ -206,29 +261,12 @@ def prune(model, *, method: str, sparsity: float, nm: tuple[int, int] | None, gr
     batches = pad_batches(samples, batch_size, pad, device)
     # per batch: which positions are real tokens (None: all of them, no padding)
     token_masks = [None if bool(attn.all()) else attn.bool() for _, attn in batches]
+    stats = _Statistics(prefix)
     with torch.inference_mode():
         inputs = block_inputs(model, mods[0], batches)
         for i, block in enumerate(mods):
             sel = chosen[i]
-            sq = {name: torch.zeros(weight_rows(mod).shape[1], dtype=torch.float64, device=device)
-                  for name, mod in sel.items()}
-            current: dict = {}
-
-            def hook(_mod, inp, _out, *, name, current=current, sq=sq):
-                x = inp[0]
-                tm = current["mask"]
-                x = x[tm] if tm is not None and tuple(x.shape[:-1]) == tuple(tm.shape) else x.reshape(-1, x.shape[-1])
-                sq[name] += sum_of_squares(x)
-
-            handles = [mod.register_forward_hook(functools.partial(hook, name=name))
-                       for name, mod in sel.items()]
-            try:
-                for (args, kwargs), tm in zip(inputs, token_masks, strict=True):
-                    current["mask"] = tm
-                    block(*args, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
+            sq = stats.collect(i, block, sel, inputs, token_masks, device)
             for name, mod in sel.items():
                 apply(name, mod, wanda_scores(weight_rows(mod), sq[name]))
                 result.sumsq[name] = sq[name].cpu()

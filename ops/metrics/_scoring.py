@@ -150,12 +150,161 @@ def score_windows(model, windows: list[tuple[list[int], list[int], int]], batch_
     import torch.nn.functional as F
 
     out = [0.0] * len(windows)
+    order, sums = [], []
     for i, logits in forward_batches(model, [w[0] for w in windows], batch_size, pad, device):
         x, y, n = windows[i]
         t = len(x)
         lp = F.log_softmax(logits[t - n:t].float(), dim=-1)
         tgt = torch.tensor(y[t - n:t], device=lp.device)
-        out[i] = float(lp.gather(1, tgt.unsqueeze(1)).double().sum())
+        order.append(i)
+        sums.append(lp.gather(1, tgt.unsqueeze(1)).double().sum())
+    for i, v in zip(order, torch.stack(sums).tolist() if sums else [], strict=True):  # one transfer, not one per window
+        out[i] = v
+    return out
+
+
+Window = tuple[list[int], list[int], int]  # (input tokens x, targets y, scored tail length n)
+
+
+def shared_prefix(group: list[Window]) -> int:
+    """How many leading input tokens every window of ``group`` has in common, at most up to
+    and including the first scored position of each (so the prefix contributes at most its
+    last position's logits): the part run once for all of them."""
+    k = min(min(len(x) - n for x, _, n in group) + 1, min(len(x) for x, _, _ in group))
+    first = group[0][0]
+    for x, _, _ in group[1:]:
+        j = 0
+        while j < k and x[j] == first[j]:
+            j += 1
+        k = j
+    return max(k, 0)
+
+
+def _forward_params(model) -> set[str]:
+    """The names ``model``'s forward takes (``logits_to_keep``: logits at some positions only;
+    the key/value cache is ``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _plain_cache(cache) -> list | None:
+    """The cache's layers when every one is a plain growing key/value cache (what the prefix
+    path can select rows of and extend); None otherwise (sliding windows, hybrids, ...)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(layer) is DynamicLayer for layer in layers):
+        return None
+    return list(layers)
+
+
+def _run_prefixes(model, prefixes: list[list[int]], pad: int, device: str, keep: bool):
+    """One right-padded forward of ``prefixes`` (longest first) keeping the key/value cache:
+    (each row's last-position logits, the cache, its layers or None, the attention mask)."""
+    width = len(prefixes[0])
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for r, p in enumerate(prefixes):
+        ids[r, :len(p)] = torch.tensor(p)
+        attn[r, :len(p)] = 1
+    lasts = sorted({len(p) - 1 for p in prefixes})
+    kwargs = {"logits_to_keep": torch.tensor(lasts)} if keep and len(lasts) < width else {}
+    res = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=True, **kwargs)
+    cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+    at = {p: j for j, p in enumerate(lasts)} if kwargs else {p: p for p in lasts}
+    last = torch.stack([res.logits[r, at[len(p) - 1]] for r, p in enumerate(prefixes)])
+    return last, cache, _plain_cache(cache), attn.to(device)
+
+
+def _window_score(x: list[int], y: list[int], n: int, k: int, last: torch.Tensor,
+                  suffix_logits: torch.Tensor | None) -> torch.Tensor:
+    """Σ log p of a window's n scored targets from its prefix's last logits (position k-1)
+    and its own logits after the prefix (positions k..), float64."""
+    import torch.nn.functional as F
+
+    t = len(x)
+    if n <= 0:
+        return torch.zeros((), dtype=torch.float64)
+    parts = [last.unsqueeze(0)] if t - n == k - 1 else []
+    if t > k:
+        parts.append(suffix_logits[max(t - n - k, 0):t - k])
+    lp = F.log_softmax(torch.cat(parts).float(), dim=-1)
+    tgt = torch.tensor(y[t - n:t], device=lp.device)
+    return lp.gather(1, tgt.unsqueeze(1)).double().sum()
+
+
+def score_window_groups(model, groups: list[list[Window]], batch_size: int, pad: int,
+                        device: str) -> list[list[float]]:
+    """``score_windows`` of each group of windows that share their first tokens (the choices
+    of one multiple-choice question: context + choice), with the shared prefix run once.
+
+    Each group's common prefix (``shared_prefix``) runs once, longest first in right-padded
+    batches of ``batch_size`` keeping its key/value cache; then every window's remaining
+    tokens run on top of its prefix's cache (rows of the cache selected per window, right
+    padded, positions continuing after the prefix), so the context of a question with c
+    choices is computed once, not c times.  Log-probabilities are taken at the scored
+    positions only.  The values equal ``score_windows``'s up to float rounding (attention
+    over a cache instead of one sequence), which is what lm-eval's own batching varies by.
+    Models that do not keep a plain cache (composites, sliding-window attention) take
+    ``score_windows``.
+    """
+    from transformers import PreTrainedModel
+
+    starts = [0]
+    for g in groups:
+        starts.append(starts[-1] + len(g))
+
+    def plain() -> list[list[float]]:
+        lls = score_windows(model, [w for g in groups for w in g], batch_size, pad, device)
+        return [lls[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+
+    prefixes = [shared_prefix(g) if g else 0 for g in groups]
+    if not isinstance(model, PreTrainedModel) or not groups or min(prefixes) < 1:
+        return plain()
+    takes = _forward_params(model)
+    cache_arg = "cache" if "cache" in takes else "past_key_values"
+    out: list[list[float]] = [[0.0] * len(g) for g in groups]
+    order = sorted(range(len(groups)), key=lambda i: -prefixes[i])
+    for lo in range(0, len(order), batch_size):
+        gi = order[lo:lo + batch_size]
+        last, cache, layers, attn = _run_prefixes(model, [groups[g][0][0][:prefixes[g]] for g in gi], pad,
+                                                  device, "logits_to_keep" in takes)
+        if layers is None:
+            return plain()
+        saved = [(layer.keys, layer.values) for layer in layers]
+        # every window of these groups continues from its prefix's row: (row, group, choice),
+        # the most remaining tokens first
+        rows = sorted(((r, g, j) for r, g in enumerate(gi) for j in range(len(groups[g]))),
+                      key=lambda t: prefixes[t[1]] - len(groups[t[1]][t[2]][0]))
+        for s_lo in range(0, len(rows), batch_size):
+            chunk = rows[s_lo:s_lo + batch_size]
+            rest = [groups[g][j][0][prefixes[g]:] for _, g, j in chunk]
+            s_width = max(len(x) for x in rest)
+            suffix_logits = None
+            if s_width:
+                s_ids = torch.full((len(chunk), s_width), pad, dtype=torch.long)
+                s_attn = torch.zeros((len(chunk), s_width), dtype=torch.long)
+                for q, x in enumerate(rest):
+                    s_ids[q, :len(x)] = torch.tensor(x, dtype=torch.long)
+                    s_attn[q, :len(x)] = 1
+                pick = torch.tensor([r for r, _, _ in chunk], device=device)
+                for layer, (keys, values) in zip(layers, saved, strict=True):
+                    layer.keys, layer.values = keys, values
+                cache.batch_select_indices(pick)
+                pos = torch.tensor([prefixes[g] for _, g, _ in chunk]).unsqueeze(1) + torch.arange(s_width)
+                suffix_logits = model(input_ids=s_ids.to(device), use_cache=True, **{cache_arg: cache},
+                                      attention_mask=torch.cat([attn[pick], s_attn.to(device)], 1),
+                                      position_ids=pos.to(device)).logits
+            sums = [_window_score(*groups[g][j], prefixes[g], last[r],
+                                  None if suffix_logits is None else suffix_logits[q])
+                    for q, (r, g, j) in enumerate(chunk)]
+            for (_, g, j), v in zip(chunk, torch.stack(sums).tolist(), strict=True):
+                out[g][j] = v
+        del saved, cache, layers
     return out
 
 
@@ -261,7 +410,8 @@ def generate_greedy(subject: Subject, prompts: list[str], max_new_tokens: int, b
             attn[r, width - len(x):] = 1
         gen = model.generate(input_ids=ids.to(subject.device), attention_mask=attn.to(subject.device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=eos, temperature=None, top_p=None, top_k=None)
+                             eos_token_id=eos, temperature=None, top_p=None, top_k=None,
+                             use_cache=True)  # models load with use_cache off (training); decoding wants it
         for r in range(len(chunk)):
             answers.append(tok.decode(gen[r, width:], skip_special_tokens=True))
     return answers

@@ -2,7 +2,8 @@
 model's ``label2id``; ``labels`` restricts the prediction to some classes, e.g. one job's of
 a shared head); for causal LMs, multiple choice: each of ``choices_field`` is scored as the
 continuation ``target_delimiter + choice`` of the text, as lm-eval does (``acc``, and
-``acc_norm`` with log-likelihoods divided by the choice's length in characters).
+``acc_norm`` with log-likelihoods divided by the choice's length in characters).  A
+question's context runs once; its choices are scored from the context's key/value cache.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def accuracy(subject, m: AccuracyMetric, ctx) -> tuple[dict, dict]:
         max_length,
         prefix_token,
         require_causal,
-        score_windows,
+        score_window_groups,
     )
 
     path = ctx.data_path(m.data)
@@ -124,7 +125,7 @@ def accuracy(subject, m: AccuracyMetric, ctx) -> tuple[dict, dict]:
     tok = subject.need_tokenizer("multiple-choice accuracy")
     prefix = prefix_token(subject)
     L = max_length(subject, m.max_length)
-    windows, spans, golds, lengths = [], [], [], []
+    groups, golds, lengths = [], [], []
     for i, row in enumerate(rows, 1):
         choices = row.get(m.choices_field)
         if not isinstance(choices, list) or len(choices) < 2:
@@ -134,18 +135,19 @@ def accuracy(subject, m: AccuracyMetric, ctx) -> tuple[dict, dict]:
         g = gold(path, i, row[m.label_field], choices, None)
         if not 0 <= g < len(choices):
             raise OpError(f"{path}: example {i}: label {g} is not a choice index")
-        start = len(windows)
+        windows = []
         for c in choices:
             ctx_ids, cont = _encode_pair(tok, str(row[m.text_field]), m.target_delimiter + c, prefix)
             seq = (ctx_ids + cont)[-(L + 1):]
             windows.append((seq[:-1], seq[1:], len(cont)))
-        spans.append((start, len(windows)))
+        groups.append(windows)
         golds.append(g)
         lengths.append([float(len(c)) for c in choices])
-    lls = score_windows(subject.model, windows, m.batch_size, models.pad_id(subject.model, tok), subject.device)
+    # the choices of a question share its context: scored from one run of it (its KV cache)
+    group_lls = score_window_groups(subject.model, groups, m.batch_size, models.pad_id(subject.model, tok),
+                                    subject.device)
     acc = acc_norm = 0
-    for (a, b), g, lens in zip(spans, golds, lengths, strict=True):
-        ll = lls[a:b]
+    for ll, g, lens in zip(group_lls, golds, lengths, strict=True):
         acc += int(max(range(len(ll)), key=lambda j: ll[j]) == g)
         acc_norm += int(max(range(len(ll)), key=lambda j: ll[j] / lens[j]) == g)
     n = len(golds)

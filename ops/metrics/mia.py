@@ -97,7 +97,7 @@ def scores_of(subject, m, path, metric: str) -> list[dict[str, float]]:
 
 
 def mia_aucs(subject, m, ctx, metric: str) -> tuple[dict[str, float], int, int]:
-    from weightflow.ops.metrics.mia_loss import auc
+    from weightflow.ops.metrics._ranking import auc
 
     forget = scores_of(subject, m, ctx.data_path(m.forget), metric)
     holdout = scores_of(subject, m, ctx.data_path(m.holdout), metric)

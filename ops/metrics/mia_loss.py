@@ -10,12 +10,11 @@ from unseen data), while well below 0.5 gives the forgetting away too.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
-
 from pydantic import Field, model_validator
 
 from weightflow.dsl.lang.spec import DataPath
 from weightflow.ops.metrics import Metric
+from weightflow.ops.metrics._ranking import auc
 from weightflow.ops.metrics.loss import ScoredText, preflight_files
 
 
@@ -29,17 +28,6 @@ class MiaLossMetric(ScoredText):
     def _fields(self):
         self.check_fields()
         return self
-
-
-def auc(members: list[float], others: list[float]) -> float:
-    """P(m > o) + ½·P(m = o) over all pairs, counted exactly."""
-    ranked = sorted(others)
-    greater = ties = 0
-    for s in members:
-        lo, hi = bisect_left(ranked, s), bisect_right(ranked, s)
-        greater += lo
-        ties += hi - lo
-    return (greater + ties / 2) / (len(members) * len(ranked))
 
 
 def mia_loss(subject, m: MiaLossMetric, ctx) -> tuple[dict, dict]:
