@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import mmap
 from pathlib import Path
+from typing import Any
 
 from weightflow.dsl.format.checkpoint import read_header
 from weightflow.dsl.format.dtypes import FLOAT_CODES, ITEMSIZE, as_float
@@ -45,7 +46,7 @@ def tensor_stats(directory: Path) -> list[dict]:
                     rows.append({"name": name, "shape": list(st.shape), "dtype": st.dtype,
                                  "storage": "sparse", "density": (int((vals != 0).sum()) / numel) if numel else 0.0,
                                  "l2": float((vals ** 2).sum() ** 0.5), "stored_bytes": st.stored_bytes})
-                encoded = {**lowrank_tensors(header, start, f), **quantized_tensors(header, start, f)}
+                encoded: dict[str, Any] = {**lowrank_tensors(header, start, f), **quantized_tensors(header, start, f)}
                 rows += [_encoded_row(et, read) for et in encoded.values()]
                 parts = sparse_parts(sparse) | {p for et in encoded.values() for p in et.parts}
                 for name, meta in header.items():

@@ -531,7 +531,7 @@ def _dense_tensors(src: Path, out: Path) -> None:
 
     header, start = read_header(src)
     sparse = sparse_tensors(header, start, src)
-    encoded = {**lowrank_tensors(header, start, src), **quantized_tensors(header, start, src)}
+    encoded: dict[str, Any] = {**lowrank_tensors(header, start, src), **quantized_tensors(header, start, src)}
     owner = {name + sfx: name for name in sparse for sfx in ("::mask", "::values")}
     owner.update({part: name for name, t in encoded.items() for part in t.parts})
     stored = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
