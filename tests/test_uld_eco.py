@@ -19,26 +19,9 @@ from pathlib import Path
 
 import pytest
 from conftest import run, save_tiny_llama, write_pipeline
-from test_unlearn_catalogue import save_char_tokenizer
+from test_unlearn_catalogue import _methods, one_thread, save_char_tokenizer  # noqa: F401 (one_thread: autouse)
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is many times faster than two on a shared machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _methods():
-    from weightflow.ops import unlearn_methods as um
-
-    return um.methods()
 
 
 # -- the losses against plain-float computations ---------------------------------------------
