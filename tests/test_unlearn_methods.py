@@ -265,3 +265,36 @@ def test_wga_raises_the_forget_loss_more_than_the_retain_loss_and_is_reproducibl
     second, status = run(path, tmp_path / "cache2")
     assert set(status.values()) == {"executed"}
     assert {s.name: (s.key, s.digest) for s in first.steps} == {s.name: (s.key, s.digest) for s in second.steps}
+
+
+def test_the_manifest_losses_are_measured_on_at_most_64_evenly_spaced_rows(tmp_path):
+    """A retain set of 100 rows is measured on 64 of them (recorded), and the loss is the
+    evaluation of exactly those rows: the rows at i*100//64."""
+    from weightflow.dsl.store.content import Store
+    from weightflow.ops import unlearn
+    from weightflow.ops.lib import training as T
+
+    assert unlearn._measured_rows(list(range(10))) == list(range(10))
+    picked = unlearn._measured_rows(list(range(100)))
+    assert len(picked) == unlearn.MEASURE_ROWS == 64 and picked[:3] == [0, 1, 3] and picked[-1] == 98
+    forget, retain = _token_rows(8, seed=0, lo=0, hi=128), _token_rows(100, seed=1, lo=128, hi=256)
+    for name, rows in (("forget", forget), ("retain", retain)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_pipeline(tmp_path, f"""
+        weightflow: 1
+        steps:
+          base: {{op: load, config: {json.dumps(TINY_LLAMA)}}}
+          u: {{op: unlearn, method: grad-diff, model: base, forget: forget.jsonl, retain: retain.jsonl,
+              max_steps: 2, learning_rate: 0.001, batch_size: 8}}
+        """)
+    result, _ = run(path, tmp_path / "cache")
+    store = Store(tmp_path / "cache")
+    by_name = {s.name: s for s in result.steps}
+    info = store.lookup(by_name["u"].key).manifest["info"]
+    assert info["losses_measured_on"] == {"forget": {"rows": 8, "of": 8}, "retain": {"rows": 64, "of": 100}}
+    model = T.load_model(store.lookup(by_name["base"].key).path, "causal-lm", None)
+    examples = [T.Example(list(r["input_ids"]), list(r["input_ids"])) for r in retain]
+    chosen = [examples[i * 100 // 64] for i in range(64)]
+    expected = T.evaluate(model, chosen, 8, 0, "causal-lm")["loss"]
+    assert abs(info["losses"]["retain"]["before"] - expected) < 1e-6
+    assert abs(T.evaluate(model, examples, 8, 0, "causal-lm")["loss"] - expected) > 1e-6  # the sample matters
