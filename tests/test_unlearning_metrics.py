@@ -128,6 +128,43 @@ steps:
     assert got["ks_statistic"] == 0 and got["forget_quality"] == pytest.approx(1.0)
 
 
+def test_the_reference_is_scored_once_per_evaluate_not_once_per_model(tmp_path, store_dir, lms, monkeypatch):
+    """forget_quality and privleak over three models load and score the reference once each,
+    with the numbers of a computation by hand; other forget data is scored anew."""
+    from scipy.stats import ks_2samp
+
+    from weightflow.ops.metrics import _qa
+
+    monkeypatch.setattr(_qa, "_REFERENCE_RESULTS", {})
+    calls = []
+    real = _qa.reference_subject
+    monkeypatch.setattr(_qa, "reference_subject", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = qa_rows(7, 3)
+    write_jsonl(tmp_path / "forget.jsonl", rows)
+    write_jsonl(tmp_path / "other.jsonl", qa_rows(5, 4))
+    write_lines(tmp_path / "f.txt", lines(6, 5))
+    write_lines(tmp_path / "h.txt", lines(6, 6))
+    path = write_pipeline(tmp_path, f"""
+weightflow: 1
+steps:
+  m: {{op: load, source: {lms['model']}}}
+  ref: {{op: load, source: {lms['reference']}}}
+  scores:
+    op: evaluate
+    models: [m, ref, m]
+    metrics: [{{forget_quality: {{forget: forget.jsonl, reference: ref}}}},
+              {{privleak: {{forget: f.txt, holdout: h.txt, reference: ref}}}},
+              {{forget_quality: {{forget: other.jsonl, reference: ref, label: fq_other}}}}]
+""")
+    outcome, _ = run(path, store_dir)
+    rep = report_of(store_dir, outcome)
+    assert len(calls) == 3  # one per metric, not one per (model, metric)
+    want = ks_2samp(hand_ratios(*hand(lms["model"]), rows), hand_ratios(*hand(lms["reference"]), rows))
+    assert values(rep, 0, 0)["forget_quality"] == pytest.approx(float(want.pvalue), rel=1e-6)
+    assert values(rep, 1, 0)["ks_statistic"] == 0 and values(rep, 1, 1)["privleak"] == 0.0
+    assert values(rep, 2, 1) == values(rep, 0, 1)
+
+
 # -- membership inference, privacy leakage, extraction ----------------------------------------
 
 def hand_attack_scores(tok, model, text: str, k: float) -> dict[str, float]:

@@ -122,3 +122,34 @@ def reference_subject(subject, field: str = "reference"):
     from weightflow.ops.metrics._scoring import Subject
 
     return Subject(subject.ref(field), subject.device, subject.inputs, subject.metric_index, subject.metric_name)
+
+
+# What a metric computed on its reference model, by (reference digest, metric params, data
+# files, device): forget_quality and privleak score every model of an evaluate step against
+# the same retain-only reference, whose truth ratios / attack AUCs are the same each time.
+# Computing them once per process (instead of once per scored model, loading the reference
+# each time) changes no number: the computation is deterministic for given inputs.
+_REFERENCE_RESULTS: dict[tuple, object] = {}
+_REFERENCE_RESULTS_MAX = 32
+
+
+def on_reference(subject, m: MetricParams, paths: list[Path], compute, field: str = "reference"):
+    """(``compute(reference subject)``, the reference's digest), computed once per process
+    for the same reference model, metric params (all but the label) and data files."""
+    import json
+
+    art = subject.ref(field)
+    params = {k: v for k, v in m.model_dump(mode="json").items() if k != "label"}
+    files = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+    key = (art.digest, type(m).__name__, json.dumps(params, sort_keys=True, default=str), files,
+           str(subject.device))
+    if key not in _REFERENCE_RESULTS:
+        ref = reference_subject(subject, field)
+        try:
+            result = compute(ref)
+        finally:
+            ref.release()
+        if len(_REFERENCE_RESULTS) >= _REFERENCE_RESULTS_MAX:
+            _REFERENCE_RESULTS.pop(next(iter(_REFERENCE_RESULTS)))
+        _REFERENCE_RESULTS[key] = result
+    return _REFERENCE_RESULTS[key], art.digest

@@ -34,19 +34,15 @@ def ks_test(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def forget_quality(subject, m: ForgetQualityMetric, ctx) -> tuple[dict, dict]:
-    from weightflow.ops.metrics._qa import reference_subject
+    from weightflow.ops.metrics._qa import on_reference
     from weightflow.ops.metrics.truth_ratio import record_ratios
 
     path = ctx.data_path(m.forget)
     ours = record_ratios(subject, m, path)
-    ref = reference_subject(subject)
-    try:
-        theirs = record_ratios(ref, m, path)
-    finally:
-        ref.release()
+    theirs, ref_digest = on_reference(subject, m, [path], lambda ref: record_ratios(ref, m, path))
     d, p = ks_test(ours, theirs)
     return ({"forget_quality": p, "ks_statistic": d, "n": len(ours)},
-            {"ratios": ours, "reference_ratios": theirs, "reference_digest": ref.art.digest})
+            {"ratios": ours, "reference_ratios": list(theirs), "reference_digest": ref_digest})
 
 
 METRIC = Metric(

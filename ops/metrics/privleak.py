@@ -37,18 +37,15 @@ class PrivLeakMetric(ScoredText):
 
 
 def privleak(subject, m: PrivLeakMetric, ctx) -> tuple[dict, dict]:
-    from weightflow.ops.metrics._qa import reference_subject
+    from weightflow.ops.metrics._qa import on_reference
     from weightflow.ops.metrics.mia import mia_aucs
 
     ours, nf, nh = mia_aucs(subject, m, ctx, "privleak")
-    ref = reference_subject(subject)
-    try:
-        theirs, _, _ = mia_aucs(ref, m, ctx, "privleak")
-    finally:
-        ref.release()
+    paths = [ctx.data_path(m.forget), ctx.data_path(m.holdout)]
+    (theirs, _, _), ref_digest = on_reference(subject, m, paths, lambda ref: mia_aucs(ref, m, ctx, "privleak"))
     a, r = ours[m.attack], theirs[m.attack]
     return ({"privleak": (a - r) / r * 100 if r > 0 else None, "auc": a, "reference_auc": r,
-             "n_forget": nf, "n_holdout": nh}, {"reference_digest": ref.art.digest})
+             "n_forget": nf, "n_holdout": nh}, {"reference_digest": ref_digest})
 
 
 METRIC = Metric(
