@@ -298,13 +298,95 @@ def weight_rows(module) -> torch.Tensor:
 
 
 def save_model(model, src: Path, ctx, dtype: str) -> dict:
-    """Save ``model`` (plus the input directory's tokenizer files) and import it into the store."""
+    """Save ``model`` (plus the input directory's tokenizer files) into the store.
+
+    The tensors go straight from memory into the store's writer, under the names and in the
+    order ``save_pretrained`` gives them (its tied-weight removal and reverse weight
+    conversion, one file sorted by name): the same bytes as saving with ``save_pretrained``
+    and importing that directory, which is what this did before, without writing and reading
+    the weights a second time.  Where transformers lacks those helpers, or the model is over
+    one ``save_pretrained`` shard, it does exactly that.
+    """
     from weightflow.ops.lib.tensors import side_files
     from weightflow.ops.load import import_directory
 
+    state = saved_state(model)
     with tempfile.TemporaryDirectory(dir=ctx.out.parent) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if state is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            save_config_files(model, Path(tmp))
         for f in side_files(Path(src)):
             if f.name not in WEIGHT_SIDE_FILES and not (Path(tmp) / f.name).exists():
                 shutil.copyfile(f, Path(tmp) / f.name)
-        return import_directory(Path(tmp), ctx, dtype)
+        if state is None:
+            return import_directory(Path(tmp), ctx, dtype)
+        return write_state(state, Path(tmp), ctx, dtype)
+
+
+SAVE_PRETRAINED_SHARD_BYTES = 50 * 10**9  # transformers 5's default max_shard_size, "50GB"
+
+
+def saved_state(model) -> dict[str, torch.Tensor] | None:
+    """The tensors ``model.save_pretrained`` would write, by name, sorted as in its file;
+    None where that cannot be reproduced here (older transformers, or several shards)."""
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict, revert_weight_conversion
+    except ImportError:
+        return None
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "_hf_peft_config_loaded", False):
+        return None
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    state = revert_weight_conversion(model, state)
+    if sum(t.numel() * t.element_size() for t in state.values()) > SAVE_PRETRAINED_SHARD_BYTES:
+        return None
+    return {name: state[name] for name in sorted(state)}
+
+
+def save_config_files(model, out: Path) -> None:
+    """config.json (with the class as its architecture) and generation_config.json, as
+    ``save_pretrained`` writes them."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [model.__class__.__name__]
+    model.config.save_pretrained(out)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def write_state(state: dict[str, torch.Tensor], side: Path, ctx, dtype: str) -> dict:
+    """Write ``state`` into ``ctx.out`` as ``import_directory`` imports a saved model: float
+    tensors cast to ``dtype``, row chunk by row chunk; then the side files of ``side``."""
+    from weightflow.ops.lib.tensors import (
+        FLOAT_ST,
+        TORCH_DTYPES,
+        TORCH_TO_ST,
+        TensorInfo,
+        copy_side_files,
+        row_ranges,
+        st_dtype_of,
+        tensor_buffer,
+    )
+
+    target = st_dtype_of(dtype)
+    stored = {n: TORCH_TO_ST[t.dtype] for n, t in state.items()}
+    plan = [TensorInfo(n, target if stored[n] in FLOAT_ST else stored[n], tuple(t.shape)) for n, t in state.items()]
+    writer = ctx.tensor_writer(plan)
+    params = 0
+    with ctx.progress(len(plan), "save") as bar:
+        for info in plan:
+            t = state[info.name].detach()
+            for lo, hi in row_ranges(info.shape):
+                part = t if lo is None else t[lo:hi]
+                if info.dtype != stored[info.name]:
+                    part = part.to(TORCH_DTYPES[dtype])
+                writer.append(info.name, tensor_buffer(part))
+                params += part.numel()
+            bar.update(1)
+    writer.close()
+    copy_side_files(side, ctx.out, dtype=dtype)
+    cfg = json.loads((ctx.out / "config.json").read_text())
+    return {"parameters": params, "dtype": dtype, "architectures": cfg.get("architectures") or [],
+            "model_type": cfg.get("model_type")}
