@@ -37,7 +37,8 @@ _TRAILER = """
 Training keys, data mapping and LoRA are those of ``finetune`` (``learning_rate``
 defaults to 1e-5 here).  The manifest records the forget and retain loss (mean token
 NLL, eval mode; also of the alternate answers, for a method with them) before and after,
-and the training curve.  A method marked Composite (uld, eco) outputs a Composite
+on at most 64 evenly spaced rows of each set (``losses_measured_on`` says when fewer than
+all), and the training curve.  A method marked Composite (uld, eco) outputs a Composite
 (ops/lib/composite.py) instead of weights: its "after" losses are the stored composite's.
 """
 
