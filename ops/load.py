@@ -364,12 +364,25 @@ def check_architecture(src: Path, params: LoadParams, ctx) -> None:
 
 def import_directory(src: Path, ctx, dtype: str) -> dict:
     """Stream a model directory's tensors into ``ctx.out``, cast to ``dtype``."""
+    from weightflow.ops.lib.tensors import Checkpoint
+
+    ckpt = Checkpoint(src, label=f"model directory {src}")
+    try:
+        return write_model(ckpt.info, ckpt.get, src, ctx, dtype, "import")
+    finally:
+        ckpt.close()
+
+
+def write_model(tensors: dict, read, side: Path, ctx, dtype: str, desc: str) -> dict:
+    """Write a model into ``ctx.out``: ``tensors`` (name -> TensorInfo, in file order), each read
+    row chunk by row chunk with ``read(name, lo, hi)``, float tensors cast to ``dtype``; then the
+    config/tokenizer files of the directory ``side``.  ``import_directory`` reads a directory's
+    files; ``models.save_model`` a model in memory (the same bytes for the same tensors)."""
     import json
 
     from weightflow.ops.lib.tensors import (
         FLOAT_ST,
         TORCH_DTYPES,
-        Checkpoint,
         TensorInfo,
         copy_side_files,
         row_ranges,
@@ -377,25 +390,23 @@ def import_directory(src: Path, ctx, dtype: str) -> dict:
         tensor_buffer,
     )
 
-    ckpt = Checkpoint(src, label=f"model directory {src}")
     target = st_dtype_of(dtype)
-    plan = [TensorInfo(n, target if i.dtype in FLOAT_ST else i.dtype, i.shape) for n, i in ckpt.info.items()]
+    plan = [TensorInfo(n, target if i.dtype in FLOAT_ST else i.dtype, i.shape) for n, i in tensors.items()]
     writer = ctx.tensor_writer(plan)
     params = 0
-    with ctx.progress(len(plan), "import") as bar:
+    with ctx.progress(len(plan), desc) as bar:
         for info in plan:
             for lo, hi in row_ranges(info.shape):
-                t = ckpt.get(info.name, lo, hi)
-                if info.dtype != ckpt.info[info.name].dtype:
+                t = read(info.name, lo, hi)
+                if info.dtype != tensors[info.name].dtype:
                     t = t.to(TORCH_DTYPES[dtype])
                 writer.append(info.name, tensor_buffer(t))
                 params += t.numel()
             bar.update(1)
     writer.close()
-    ckpt.close()
-    if not (src / "config.json").is_file():
-        raise OpError(f"{src} has no config.json; it is not a Hugging Face model directory")
-    copy_side_files(src, ctx.out, dtype=dtype)
+    if not (side / "config.json").is_file():
+        raise OpError(f"{side} has no config.json; it is not a Hugging Face model directory")
+    copy_side_files(side, ctx.out, dtype=dtype)
     cfg = json.loads((ctx.out / "config.json").read_text())
     return {"parameters": params, "dtype": dtype, "architectures": cfg.get("architectures") or [],
             "model_type": cfg.get("model_type")}

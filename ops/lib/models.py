@@ -357,36 +357,15 @@ def save_config_files(model, out: Path) -> None:
 
 
 def write_state(state: dict[str, torch.Tensor], side: Path, ctx, dtype: str) -> dict:
-    """Write ``state`` into ``ctx.out`` as ``import_directory`` imports a saved model: float
-    tensors cast to ``dtype``, row chunk by row chunk; then the side files of ``side``."""
-    from weightflow.ops.lib.tensors import (
-        FLOAT_ST,
-        TORCH_DTYPES,
-        TORCH_TO_ST,
-        TensorInfo,
-        copy_side_files,
-        row_ranges,
-        st_dtype_of,
-        tensor_buffer,
-    )
+    """Write ``state`` into ``ctx.out`` as ``import_directory`` imports a saved model (the
+    same writer, reading rows from memory instead of files)."""
+    from weightflow.ops.lib.tensors import TORCH_TO_ST, TensorInfo
+    from weightflow.ops.load import write_model
 
-    target = st_dtype_of(dtype)
-    stored = {n: TORCH_TO_ST[t.dtype] for n, t in state.items()}
-    plan = [TensorInfo(n, target if stored[n] in FLOAT_ST else stored[n], tuple(t.shape)) for n, t in state.items()]
-    writer = ctx.tensor_writer(plan)
-    params = 0
-    with ctx.progress(len(plan), "save") as bar:
-        for info in plan:
-            t = state[info.name].detach()
-            for lo, hi in row_ranges(info.shape):
-                part = t if lo is None else t[lo:hi]
-                if info.dtype != stored[info.name]:
-                    part = part.to(TORCH_DTYPES[dtype])
-                writer.append(info.name, tensor_buffer(part))
-                params += part.numel()
-            bar.update(1)
-    writer.close()
-    copy_side_files(side, ctx.out, dtype=dtype)
-    cfg = json.loads((ctx.out / "config.json").read_text())
-    return {"parameters": params, "dtype": dtype, "architectures": cfg.get("architectures") or [],
-            "model_type": cfg.get("model_type")}
+    infos = {n: TensorInfo(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in state.items()}
+
+    def read(name: str, lo, hi) -> torch.Tensor:
+        t = state[name].detach()
+        return t if lo is None else t[lo:hi]
+
+    return write_model(infos, read, side, ctx, dtype, "save")
