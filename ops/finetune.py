@@ -25,7 +25,9 @@ Speed (opt-in, each changes the numerics, so each is in the key only when on):
 ``packing: true`` (causal LM) packs each batch's examples into rows of ``max_length`` with
 restarting position ids and attention kept within each example (the unpacked batch's loss);
 ``bf16: true`` runs forward and backward under bfloat16 autocast; ``optimizer:
-adamw_torch_fused`` is torch's fused AdamW (HF Trainer's default).  The default AdamW runs
+adamw_torch_fused`` is torch's fused AdamW (HF Trainer's default); ``target_logits_only: true``
+(causal LM) computes the LM head and its softmax only where a token has a target (the
+response of chat data), the same loss for less work.  The default AdamW runs
 torch's multi-tensor path, bit-identical to the plain loop.  The manifest records the
 loop's own seconds (``timing.train_loop_s``).
 
@@ -104,6 +106,15 @@ class FinetuneParams(TrainParams, BatchingParams, _S3TKeys, _Inputs):
     """finetune's parameters: the inputs, then the shared training keys."""
 
     @model_validator(mode="after")
+    def _causal_only(self):
+        if self.task == "sequence-classification":
+            on = [k for k in ("packing", "target_logits_only") if getattr(self, k)]
+            if on:
+                raise ValueError(f"{', '.join(on)}: applies to causal-lm fine-tunes, not sequence-classification "
+                                 "(group_by_length cuts padding there)")
+        return self
+
+    @model_validator(mode="after")
     def _s3t(self):
         if self.slices is None:
             given = [k for k in S3T_KEYS if getattr(self, k) is not None]
@@ -173,12 +184,15 @@ def run(inputs, params: FinetuneParams, ctx) -> dict:  # noqa: C901
                  else T.batch_order(len(train), bs, shuffle_seed))
         if params.packing:
             T.check_packing(model, task, train, pad, device)
+        if params.target_logits_only:
+            T.check_target_logits(model, task, train, pad, device)
 
         def micro_loss():
             rows = [train[i] for i in next(order)]
             batch = (T.pack(rows, pad, encoder.max_length, device) if params.packing
                      else T.collate(rows, pad, task, device))
-            nll_sum, n_tok, _ = T.sequence_nll(model, batch, task)
+            nll_sum, n_tok = (T.target_nll(model, batch) if params.target_logits_only
+                              else T.sequence_nll(model, batch, task)[:2])
             loss = T.mean_nll(nll_sum, n_tok)
             return loss, {"loss": loss.detach()}
 

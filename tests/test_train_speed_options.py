@@ -1,7 +1,8 @@
-"""The opt-in training speed options (group_by_length, packing, bf16, adamw_torch_fused): each
-is in the step key only when on; packing gives the loss of the unpacked batch (positions
-restart, attention stays within each example); length-grouped batches are deterministic and
-cover every example once per epoch; the default AdamW path is bit-identical to torch's
+"""The opt-in training speed options (group_by_length, packing, target_logits_only, bf16,
+adamw_torch_fused): each is in the step key only when on; packing gives the loss of the
+unpacked batch (positions restart, attention stays within each example); target_logits_only
+gives the loss and gradient of the full-logits path; length-grouped batches are deterministic
+and cover every example once per epoch; the default AdamW path is bit-identical to torch's
 one-tensor-at-a-time loop."""
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def key_of(tmp_path: Path, extra: str, name: str) -> str:
 
 def test_each_option_changes_the_key_only_when_on(tmp_path):
     default = key_of(tmp_path, "", "default")
-    off = {o: key_of(tmp_path, f"    {o}: false", f"{o}-off") for o in ("group_by_length", "packing", "bf16")}
+    options = ("group_by_length", "packing", "target_logits_only", "bf16")
+    off = {o: key_of(tmp_path, f"    {o}: false", f"{o}-off") for o in options}
     assert set(off.values()) == {default}  # off is the same recipe as unset: existing keys stay
-    on = {o: key_of(tmp_path, f"    {o}: true", f"{o}-on") for o in ("group_by_length", "packing", "bf16")}
+    on = {o: key_of(tmp_path, f"    {o}: true", f"{o}-on") for o in options}
     on["fused"] = key_of(tmp_path, "    optimizer: adamw_torch_fused", "fused")
-    assert len(set(on.values()) | {default}) == 5
+    assert len(set(on.values()) | {default}) == 6
 
 
 # -- packing -------------------------------------------------------------------------
@@ -134,6 +136,67 @@ def test_packing_without_position_ids_would_mix_examples(llama):
         T.check_packing(model, "sequence-classification", examples, 0)
 
 
+# -- target_logits_only --------------------------------------------------------------
+
+def _chat_examples(rows, prompt_len):
+    """Examples whose first ``prompt_len`` tokens have no target, as prompt/response data gives."""
+    from weightflow.ops.lib.training import IGNORE, Example
+
+    return [Example(r["input_ids"], [IGNORE] * prompt_len + r["input_ids"][prompt_len:]) for r in rows
+            if len(r["input_ids"]) > prompt_len + 1]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_target_logits_only_gives_the_loss_and_gradient_of_the_full_logits(llama, packed):
+    import torch
+
+    from weightflow.ops.lib import training as T
+
+    model = _model(llama)
+    examples = _chat_examples(token_rows(8, 5), prompt_len=3)
+    batch = T.pack(examples, 0, 64, "cpu") if packed else T.collate(examples, 0, "causal-lm")
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-2]))
+
+    def loss_and_grad(fn):
+        model.zero_grad(set_to_none=True)
+        nll, n_tok = fn(batch)
+        loss = T.mean_nll(nll, n_tok)
+        loss.backward()
+        return nll.detach(), n_tok, float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full = loss_and_grad(lambda b: T.sequence_nll(model, b, "causal-lm")[:2])
+    ours = loss_and_grad(lambda b: T.target_nll(model, b))
+    hook.remove()
+    targets = int((batch.labels[:, 1:] != T.IGNORE).sum())
+    assert seen == [batch.input_ids.shape[1], targets]  # the head ran on every position, then on targets only
+    assert targets < batch.input_ids.numel() * 0.8  # prompts and padding really were left out
+    assert torch.equal(full[1], ours[1])
+    assert torch.allclose(full[0], ours[0], rtol=1e-5, atol=1e-5)  # per example, not just the total
+    assert ours[2] == pytest.approx(full[2], rel=1e-5)
+    assert torch.allclose(full[3], ours[3], rtol=1e-4, atol=1e-6)
+
+
+def test_target_logits_only_refuses_models_that_rescale_their_logits(tmp_path):
+    """Cohere multiplies the head's output by logit_scale: the head alone would give another loss."""
+    import torch
+    import transformers
+
+    from weightflow.ops.lib import training as T
+
+    cfg = transformers.CohereConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25)
+    torch.manual_seed(0)
+    model = transformers.CohereForCausalLM(cfg).eval()
+    examples = _chat_examples(token_rows(2, 6), prompt_len=2)
+    with pytest.raises(Exception, match="not its LM head applied"):
+        T.check_target_logits(model, "causal-lm", examples, 0)
+    model.logit_scale = 1.0  # the same model without the rescaling passes
+    T.check_target_logits(model, "causal-lm", examples, 0)
+    with pytest.raises(Exception, match="target_logits_only applies to causal-lm"):
+        T.check_target_logits(model, "sequence-classification", examples, 0)
+
+
 # -- length-grouped batches ----------------------------------------------------------
 
 def test_group_by_length_is_deterministic_covers_each_epoch_and_cuts_padding():
@@ -204,10 +267,23 @@ def test_finetune_runs_with_every_option_and_records_the_loop_time(tmp_path, sto
     from weightflow.dsl.store.content import Store
 
     write_rows(tmp_path / "train.jsonl", token_rows(12, 4))
-    extra = "    packing: true\n    group_by_length: true\n    bf16: true\n    optimizer: adamw_torch_fused"
+    extra = ("    packing: true\n    group_by_length: true\n    target_logits_only: true\n    bf16: true\n"
+             "    optimizer: adamw_torch_fused")
     outcome, status = run(write_pipeline(tmp_path, FT.format(model=llama, extra=extra)), store_dir)
     assert status == {"base": "executed", "ft": "executed"}
     ft = next(s for s in outcome.steps if s.name == "ft")
     info = Store(store_dir).lookup(ft.key).manifest["info"]
     assert [c["step"] for c in info["training_curve"]] == [1, 2]
     assert info["timing"]["train_loop_s"] > 0
+
+
+@pytest.mark.parametrize("option", ["packing", "target_logits_only"])
+def test_causal_lm_options_are_refused_for_classification_before_anything_runs(option):
+    from pydantic import ValidationError
+
+    from weightflow.ops.finetune import FinetuneParams
+
+    base = {"model": "base", "data": "train.jsonl"}
+    FinetuneParams.model_validate({**base, option: True})  # task auto: decided from the model at run time
+    with pytest.raises(ValidationError, match=f"{option}: applies to causal-lm fine-tunes"):
+        FinetuneParams.model_validate({**base, "task": "sequence-classification", option: True})

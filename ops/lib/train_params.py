@@ -169,10 +169,11 @@ class TrainParams(AliasedParams, SeedParam, DtypeParam):
 
 
 class BatchingParams(AliasedParams):
-    """How ``finetune`` forms its batches beyond the default (off: shuffled, right-padded).
+    """How ``finetune`` forms its batches and its loss beyond the default (off: shuffled,
+    right-padded, logits at every position).
 
-    Both change which tokens share a forward pass, hence the numerics, so they are opt-in and
-    in the key only when on.
+    Each changes the numerics (which tokens share a forward pass, or over how many rows the
+    LM head's gradient is summed), so each is opt-in and in the key only when on.
     """
 
     group_by_length: bool = Field(False, exclude_if=_off, description="batches of examples of similar "
@@ -182,11 +183,16 @@ class BatchingParams(AliasedParams):
                           "into as few rows of max_length tokens as fit (no padding between them); "
                           "position ids restart and attention stays within each example, so the loss "
                           "is that of the unpacked batch")
+    target_logits_only: bool = Field(False, exclude_if=_off, description="causal LM: compute the LM head "
+                                     "and softmax only at positions that predict a target (the response "
+                                     "with prompt_field/response_field; never padding): the same loss, "
+                                     "less work; the head's gradient is summed over fewer rows (other "
+                                     "last-bit rounding)")
 
     @model_validator(mode="after")
     def _not_with_s3t(self):
         if getattr(self, "slices", None) is not None:
-            on = [k for k in ("group_by_length", "packing") if getattr(self, k)]
+            on = [k for k in ("group_by_length", "packing", "target_logits_only") if getattr(self, k)]
             if on:
                 raise ValueError(f"{', '.join(on)}: not used by S3T (slices); leave it out")
         return self

@@ -419,6 +419,58 @@ def sequence_nll(model, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Te
     return nll, torch.ones_like(nll, dtype=torch.long), logits
 
 
+def _decoder_and_head(model):
+    """The transformer body and the LM head of a causal LM (under a peft wrapper too), or an
+    OpError when the model is not built as body → head."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(inner, "base_model", inner), inner.get_output_embeddings()
+    if body is inner or head is None:
+        raise OpError(f"target_logits_only: {type(inner).__name__} has no separate body and LM head; "
+                      "set target_logits_only: false")
+    return body, head
+
+
+def target_nll(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LM: ``sequence_nll``'s per-example summed NLL and target count, with the LM head
+    and the softmax computed only at the positions that predict a target.
+
+    The body runs on every token (each token is context); the vocabulary projection, the
+    largest single matmul of a small LM, and the log-softmax over the vocabulary run only on
+    the rows whose next token has a label: the response tokens of prompt/response data, never
+    padding.  The loss is the same function; the head's gradient is a sum over fewer rows,
+    so its last bits can differ (hence opt-in, and in the key).
+    """
+    body, head = _decoder_and_head(model)
+    given = ({"position_ids": batch.position_ids} if batch.position_ids is not None
+             else {"attention_mask": batch.attention_mask})
+    hidden = body(input_ids=batch.input_ids, use_cache=False, **given).last_hidden_state
+    labels = batch.labels[:, 1:]
+    at = labels != IGNORE
+    logits = head(hidden[:, :-1][at]).float()
+    nll = F.cross_entropy(logits, labels[at], reduction="none")
+    per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, at.nonzero()[:, 0], nll)
+    return per_row, at.sum(1)
+
+
+def check_target_logits(model, task: str, examples: list[Example], pad_id: int, device: str = "cpu") -> None:
+    """Refuse ``target_logits_only`` but for a causal LM whose logits are its head applied to its
+    body's output (no logit scaling or soft-capping after the head): on two examples, the
+    losses of both paths must agree."""
+    if task != "causal-lm":
+        raise OpError(f"target_logits_only applies to causal-lm fine-tunes; this one is {task}")
+    _decoder_and_head(model)  # a model without a separate head fails here, with its own message
+    batch = collate(examples[:2], pad_id, task, device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        full, n_full, _ = sequence_nll(model, batch, task)
+        ours, n_ours = target_nll(model, batch)
+    model.train(was_training)
+    if not (torch.equal(n_full, n_ours) and torch.allclose(full, ours, rtol=1e-4, atol=1e-4)):
+        raise OpError(f"target_logits_only: {type(model).__name__}'s logits are not its LM head applied to "
+                      "its last hidden state (it scales or caps them); set target_logits_only: false")
+
+
 def mean_nll(nll_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
     """Token-averaged NLL over a batch (what a model's built-in ``loss`` is)."""
     return nll_sum.sum() / n_tokens.sum().clamp(min=1)
