@@ -34,7 +34,10 @@ TRAIN_JOBS = {
     "smollm2": ("chat fine-tune SmolLM2-135M (responses only, batch 8, len 128, grad. checkpointing, 2 epochs)",
                 "heldout_ppl", "held-out perplexity"),
 }
-VARIANT_NAMES = {"weightflow": "defaults", "weightflow-fast": "opt-in speed settings¹"}
+#: weightflow variant -> (its settings in words, the Trainer variant it is compared with)
+VARIANT_NAMES = {"weightflow": ("defaults", "trainer"), "weightflow-fast": ("opt-in speed settings¹", "trainer"),
+                 "weightflow-fast-bf16": ("opt-in settings¹ + `bf16: true`", "trainer-bf16")}
+TRAINER_NAMES = {"trainer": "HF Trainer", "trainer-bf16": "HF Trainer `bf16=True`"}
 
 
 def _load(name: str, results: Path) -> dict | None:
@@ -65,14 +68,17 @@ def train_rows(doc: dict | None) -> list[str]:
             r = doc["results"].get(f"{job} {mode}")
             if r is None:
                 continue
-            ref = r["trainer"]
-            for variant, settings in VARIANT_NAMES.items():
-                s, ratio = r[variant], r[f"{variant}/trainer"]
+            for variant, (settings, against) in VARIANT_NAMES.items():
+                if variant not in r or against not in r:
+                    continue  # e.g. the bf16 pair, run in platform mode only
+                s, ref, ratio = r[variant], r[against], r[f"{variant}/{against}"]
+                also = f"RSS {_x(ratio['peak_rss_mb'])}; {held_name} {s.get(held_key)} vs {ref.get(held_key)}"
+                if against != "trainer" and f"{variant}/trainer" in r:
+                    also += f"; against Trainer's float32 defaults {_x(r[f'{variant}/trainer']['wall_s'])}"
                 rows.append(
                     f"| {title} | {mode}, {settings} | {_s(s['wall_s'])} (loop {_s(s['loop_s'])}) | "
-                    f"HF Trainer {_s(ref['wall_s'])} (loop {_s(ref['loop_s'])}) | "
-                    f"**{_x(ratio['wall_s'])}** (loop {_x(ratio['loop_s'])}) | ≤ 0.8× | "
-                    f"RSS {_x(ratio['peak_rss_mb'])}; {held_name} {s.get(held_key)} vs {ref.get(held_key)} |")
+                    f"{TRAINER_NAMES[against]} {_s(ref['wall_s'])} (loop {_s(ref['loop_s'])}) | "
+                    f"**{_x(ratio['wall_s'])}** (loop {_x(ratio['loop_s'])}) | ≤ 0.8× | {also} |")
     return rows
 
 
@@ -173,8 +179,10 @@ def table(results: Path = RESULTS) -> str:
              *train_rows(docs["train"]), *wanda_rows(docs["wanda"]), *eval_rows(docs["eval"]),
              *merge_rows(docs["merge"]),
              "",
-             "¹ `optimizer: adamw_torch_fused` (Trainer's own default kernel), `group_by_length: true`, and "
-             "`packing: true` for the causal LM; each changes the numerics, so each is opt-in and in the step key.",
+             "¹ `optimizer: adamw_torch_fused` (Trainer's own default kernel), with `group_by_length: true` for "
+             "the classifier, or `packing: true` and `target_logits_only: true` for the causal LM; each changes "
+             "the numerics, so each is opt-in and in the step key. `bf16: true` is bfloat16 autocast (weights, "
+             "gradients and optimizer in float32), compared with Trainer's `bf16=True`; platform mode only.",
              "",
              machine_line(docs),
              END]
