@@ -458,7 +458,6 @@ def check_target_logits(model, task: str, examples: list[Example], pad_id: int, 
     losses of both paths must agree."""
     if task != "causal-lm":
         raise OpError(f"target_logits_only applies to causal-lm fine-tunes; this one is {task}")
-    _decoder_and_head(model)  # a model without a separate head fails here, with its own message
     batch = collate(examples[:2], pad_id, task, device)
     was_training = model.training
     model.eval()
