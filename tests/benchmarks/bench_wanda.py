@@ -42,8 +42,11 @@ the medians):
   + oneshot), which charges weightflow for saving its result and llm-compressor for none.
 - weightflow runs in each of ``--modes`` (default strict and platform, alternating within
   each round); ``ratios[mode]`` holds both ratios per mode (``ratio_prune`` and
-  ``ratio_with_io`` are the platform ones).  llm-compressor has no strict mode: the same
-  llm-compressor runs are the denominator of both.
+  ``ratio_with_io`` are the platform ones).  llm-compressor has no reproducibility mode of
+  its own, so it runs in each mode too: platform in this process, strict in a fresh process
+  under exactly the environment and torch settings of a strict weightflow step (portable
+  ATen kernels, one ATen thread, MKL COMPATIBLE,STRICT, deterministic algorithms);
+  ``llmcompressor.by_mode[mode]`` holds its runs, and each ratio divides by its own mode.
 
 What differs between the algorithms (read from llmcompressor 0.14.0.1's
 ``modifiers/pruning/wanda/{base,wanda_sparsify}.py``, ``modifiers/pruning/sparsegpt/
@@ -215,6 +218,35 @@ def run_llmcompressor(model_dir: Path, calib: Path, samples: int, seq_len: int, 
             "tensors": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
+def run_llmcompressor_in_mode(mode: str, model_dir: Path, calib: Path, samples: int, seq_len: int,
+                              sparsity: float, batch_size: int) -> dict:
+    """One llm-compressor run in a fresh process under weightflow's reproducibility ``mode``:
+    strict sets the same environment and torch settings a strict weightflow step runs under
+    (portable ATen kernels, one ATen thread, MKL's COMPATIBLE,STRICT branch, deterministic
+    algorithms), so the strict ratio compares like with like.  Timings only, no tensors."""
+    spec = json.dumps({"mode": mode, "model_dir": str(model_dir), "calib": str(calib), "samples": samples,
+                       "seq_len": seq_len, "sparsity": sparsity, "batch_size": batch_size})
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--llmcompressor-child", spec],
+                         check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def llmcompressor_child(spec_json: str) -> int:
+    """The child of :func:`run_llmcompressor_in_mode`: the mode first, then torch."""
+    spec = json.loads(spec_json)
+    from weightflow.dsl.engine import repro
+
+    repro.apply(spec["mode"])
+    import torch  # noqa: F401  (after apply, as repro's contract says)
+
+    repro.configure_torch(spec["mode"])
+    out = run_llmcompressor(Path(spec["model_dir"]), Path(spec["calib"]), spec["samples"], spec["seq_len"],
+                            spec["sparsity"], spec["batch_size"])
+    out.pop("tensors", None)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
 def read_tensors(directory: Path) -> dict:
     from weightflow.ops.lib.tensors import Checkpoint
 
@@ -286,15 +318,16 @@ def add_ratios(doc: dict, modes: list[str], log) -> None:
     """``ratios[mode]``: weightflow (in that mode) / llm-compressor, for the step alone (prune
     seconds / oneshot) and with I/O (step seconds / load + oneshot), of the minima and medians."""
     lc = doc["llmcompressor"]
-    lo, ll = lc["oneshot_seconds"], lc["load_seconds"]
     doc["ratios"] = {}
     for mode in modes:
+        lc_mode = lc.get("by_mode", {}).get(mode, lc)
+        lo, ll = lc_mode["oneshot_seconds"], lc_mode["load_seconds"]
         wp, ws = doc["weightflow"][mode]["prune_seconds"], doc["weightflow"][mode]["step_seconds"]
         doc["ratios"][mode] = {
             "prune": {"of_min": round(wp["min"] / lo["min"], 3), "of_median": round(wp["median"] / lo["median"], 3)},
             "with_io": {"of_min": round(ws["min"] / (ll["min"] + lo["min"]), 3),
                         "of_median": round(ws["median"] / (ll["median"] + lo["median"]), 3)}}
-        log(f"weightflow ({mode}) prune {wp['min']} s (min; median {wp['median']}), llm-compressor oneshot "
+        log(f"weightflow ({mode}) prune {wp['min']} s (min; median {wp['median']}), llm-compressor ({mode}) oneshot "
             f"{lo['min']} s (min; median {lo['median']}); llmcompressor {lc['version']}, transformers "
             f"{lc['transformers']}")
         log(f"ratio weightflow ({mode}) / llm-compressor: prune {doc['ratios'][mode]['prune']}, with I/O "
@@ -314,14 +347,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="timed runs of each tool, alternating weightflow / llm-compressor")
     ap.add_argument("--out", default="bench-results/wanda.json", help="JSON results file")
     ap.add_argument("--modes", default="strict,platform",
-                    help="weightflow's reproducibility modes timed, in this order in each round (llm-compressor "
-                    "has no strict mode: its runs are the same for both ratios); the masks compared are the "
-                    "last mode's")
+                    help="reproducibility modes timed, in this order in each round, weightflow then llm-compressor "
+                    "under the same settings (strict: in a fresh process with weightflow's strict "
+                    "environment); the masks compared are the platform runs'")
     ap.add_argument("--float64-check", action="store_true",
                     help="untimed diagnostics: llm-compressor with float64 input statistics, and weightflow "
                     "with eager attention (where the mask differences come from)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--llmcompressor-child", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.llmcompressor_child:
+        return llmcompressor_child(args.llmcompressor_child)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -356,31 +392,43 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{args.repeats} x (weightflow prune-wanda, llm-compressor oneshot) on {args.samples} x "
             f"{args.seq_len} tokens, sparsity {args.sparsity} ...")
         wf_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
-        lc_runs, lc = [], {}
+        lc_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
+        lc: dict = {}
         for i in range(args.repeats):
             for mode in modes:
                 wf = run_weightflow(path, tmp / "cache", mode)
                 wf_by_mode[mode].append(wf)
                 log(f"  [{i + 1}] weightflow ({mode}): prune {wf['prune_seconds']} s, step {wf['step_seconds']} s, "
                     f"process {wf['process_wall_seconds']} s (load avg before {wf['loadavg_1min_before']})")
-            lc = run_llmcompressor(model_dir, calib, args.samples, args.seq_len, args.sparsity, args.batch_size)
+                if mode == "platform":  # in this process: the last run's tensors give the masks compared
+                    lc = run_llmcompressor(model_dir, calib, args.samples, args.seq_len, args.sparsity,
+                                           args.batch_size)
+                    if lc.get("available") and i + 1 < args.repeats:
+                        lc.pop("tensors")
+                else:
+                    run = run_llmcompressor_in_mode(mode, model_dir, calib, args.samples, args.seq_len,
+                                                    args.sparsity, args.batch_size)
+                    lc = {**run, "tensors": lc.get("tensors")} if run.get("available") else run
+                if not lc.get("available"):
+                    break
+                lc_by_mode[mode].append({k: lc[k] for k in ("load_seconds", "oneshot_seconds",
+                                                             "loadavg_1min_before")})
+                log(f"  [{i + 1}] llm-compressor ({mode}): load {lc['load_seconds']} s, oneshot "
+                    f"{lc['oneshot_seconds']} s (load avg before {lc['loadavg_1min_before']})")
             if not lc.get("available"):
                 break
-            if i + 1 < args.repeats:
-                lc.pop("tensors")
-            lc_runs.append({k: lc[k] for k in ("load_seconds", "oneshot_seconds", "loadavg_1min_before")})
-            log(f"  [{i + 1}] llm-compressor: load {lc['load_seconds']} s, oneshot {lc['oneshot_seconds']} s "
-                f"(load avg before {lc['loadavg_1min_before']})")
         doc["weightflow"] = {mode: {"prune_seconds": timing_summary(runs, "prune_seconds"),
                                     "step_seconds": timing_summary(runs, "step_seconds"), "runs": runs}
                              for mode, runs in wf_by_mode.items()}
         if lc.get("available"):
             dense = read_tensors(model_dir)
             lc_tensors = lc.pop("tensors")
-            masks = compare_masks(read_tensors(tmp / "out" / "wanda"), dense, lc_tensors)
+            by_mode = {mode: {"oneshot_seconds": timing_summary(runs, "oneshot_seconds"),
+                              "load_seconds": timing_summary(runs, "load_seconds"), "runs": runs}
+                       for mode, runs in lc_by_mode.items()}
+            first = "platform" if "platform" in modes else modes[0]
             doc["llmcompressor"] = {"version": lc["version"], "transformers": lc["transformers"],
-                                    "oneshot_seconds": timing_summary(lc_runs, "oneshot_seconds"),
-                                    "load_seconds": timing_summary(lc_runs, "load_seconds"), "runs": lc_runs}
+                                    **by_mode[first], "by_mode": by_mode}
             doc["settings"]["calibration_samples_used"] = lc["calibration_samples"]
             doc["settings"]["calibration_tokens"] = lc["calibration_tokens"]
             add_ratios(doc, modes, log)

@@ -95,11 +95,12 @@ def wanda_rows(doc: dict | None) -> list[str]:
     note = f"masks agree at {same:.5%} of positions" if isinstance(same, float) else ""
     for mode, ratio in doc["ratios"].items():
         wf = doc["weightflow"][mode]
+        ref = lc.get("by_mode", {}).get(mode, lc)  # older files: llm-compressor timed in platform mode only
         rows.append(
             f"| {title} | {mode} | prune {_s(wf['prune_seconds']['median'])}, "
             f"step {_s(wf['step_seconds']['median'])} | "
-            f"llm-compressor {lc.get('version', '')} oneshot {_s(lc['oneshot_seconds']['median'])}, "
-            f"+ load {_s(lc['load_seconds']['median'])} | **{_x(ratio['prune']['of_median'])}** "
+            f"llm-compressor {lc.get('version', '')} oneshot {_s(ref['oneshot_seconds']['median'])}, "
+            f"+ load {_s(ref['load_seconds']['median'])} | **{_x(ratio['prune']['of_median'])}** "
             f"(with load and save {_x(ratio['with_io']['of_median'])}) | ≤ 0.6× (≤ 0.8×) | {note} |")
     return rows
 
