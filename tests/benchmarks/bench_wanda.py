@@ -337,6 +337,35 @@ def add_ratios(doc: dict, modes: list[str], log) -> None:
     doc["ratio_prune"], doc["ratio_with_io"] = doc["ratios"][first]["prune"], doc["ratios"][first]["with_io"]
 
 
+def timed_rounds(args, modes: list[str], path: Path, cache: Path, model_dir: Path, calib: Path, log):
+    """``--repeats`` rounds; in each, per mode, weightflow then llm-compressor.  Returns the
+    runs of each tool per mode and llm-compressor's last result (with the tensors of its last
+    platform run, for the masks; without llm-compressor: why it is not available)."""
+    wf_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
+    lc_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
+    lc: dict = {}
+    for i in range(args.repeats):
+        for mode in modes:
+            wf = run_weightflow(path, cache, mode)
+            wf_by_mode[mode].append(wf)
+            log(f"  [{i + 1}] weightflow ({mode}): prune {wf['prune_seconds']} s, step {wf['step_seconds']} s, "
+                f"process {wf['process_wall_seconds']} s (load avg before {wf['loadavg_1min_before']})")
+            if mode == "platform":  # in this process: the last run's tensors give the masks compared
+                lc = run_llmcompressor(model_dir, calib, args.samples, args.seq_len, args.sparsity, args.batch_size)
+                if lc.get("available") and i + 1 < args.repeats:
+                    lc.pop("tensors")
+            else:
+                run = run_llmcompressor_in_mode(mode, model_dir, calib, args.samples, args.seq_len, args.sparsity,
+                                                args.batch_size)
+                lc = {**run, "tensors": lc.get("tensors")} if run.get("available") else run
+            if not lc.get("available"):
+                return wf_by_mode, lc_by_mode, lc
+            lc_by_mode[mode].append({k: lc[k] for k in ("load_seconds", "oneshot_seconds", "loadavg_1min_before")})
+            log(f"  [{i + 1}] llm-compressor ({mode}): load {lc['load_seconds']} s, oneshot "
+                f"{lc['oneshot_seconds']} s (load avg before {lc['loadavg_1min_before']})")
+    return wf_by_mode, lc_by_mode, lc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=32)
@@ -391,38 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = tmp / "out" / "dense"
         log(f"{args.repeats} x (weightflow prune-wanda, llm-compressor oneshot) on {args.samples} x "
             f"{args.seq_len} tokens, sparsity {args.sparsity} ...")
-        wf_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
-        lc_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
-        lc: dict = {}
-        for i in range(args.repeats):
-            for mode in modes:
-                wf = run_weightflow(path, tmp / "cache", mode)
-                wf_by_mode[mode].append(wf)
-                log(f"  [{i + 1}] weightflow ({mode}): prune {wf['prune_seconds']} s, step {wf['step_seconds']} s, "
-                    f"process {wf['process_wall_seconds']} s (load avg before {wf['loadavg_1min_before']})")
-                if mode == "platform":  # in this process: the last run's tensors give the masks compared
-                    lc = run_llmcompressor(model_dir, calib, args.samples, args.seq_len, args.sparsity,
-                                           args.batch_size)
-                    if lc.get("available") and i + 1 < args.repeats:
-                        lc.pop("tensors")
-                else:
-                    run = run_llmcompressor_in_mode(mode, model_dir, calib, args.samples, args.seq_len,
-                                                    args.sparsity, args.batch_size)
-                    lc = {**run, "tensors": lc.get("tensors")} if run.get("available") else run
-                if not lc.get("available"):
-                    break
-                lc_by_mode[mode].append({k: lc[k] for k in ("load_seconds", "oneshot_seconds",
-                                                             "loadavg_1min_before")})
-                log(f"  [{i + 1}] llm-compressor ({mode}): load {lc['load_seconds']} s, oneshot "
-                    f"{lc['oneshot_seconds']} s (load avg before {lc['loadavg_1min_before']})")
-            if not lc.get("available"):
-                break
+        wf_by_mode, lc_by_mode, lc = timed_rounds(args, modes, path, tmp / "cache", model_dir, calib, log)
         doc["weightflow"] = {mode: {"prune_seconds": timing_summary(runs, "prune_seconds"),
                                     "step_seconds": timing_summary(runs, "step_seconds"), "runs": runs}
                              for mode, runs in wf_by_mode.items()}
         if lc.get("available"):
             dense = read_tensors(model_dir)
             lc_tensors = lc.pop("tensors")
+            masks = compare_masks(read_tensors(tmp / "out" / "wanda"), dense, lc_tensors)
             by_mode = {mode: {"oneshot_seconds": timing_summary(runs, "oneshot_seconds"),
                               "load_seconds": timing_summary(runs, "load_seconds"), "runs": runs}
                        for mode, runs in lc_by_mode.items()}
