@@ -553,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
 def finish(doc: dict, started: float, out: str, log) -> int:
     """Warn if the library changed mid-run, write the JSON results, print the total."""
     doc["total_s"] = round(time.perf_counter() - started, 1)
+    # the vector ISA ATen ran with: platform-mode figures differ between AVX2 and AVX-512 machines
+    from weightflow.dsl.engine import repro
+
+    doc.setdefault("machine", {}).setdefault("aten_isa", repro.aten_isa())
     before, after = doc["git"].pop("_files", {}), _git_state().get("_files", {})
     changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
     if changed:

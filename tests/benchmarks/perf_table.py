@@ -167,7 +167,8 @@ def machine_line(docs: dict[str, dict | None]) -> str:
         loads = _load_averages(doc)
         when = doc.get("created") or (f"at {doc['git']['head'][:10]}" if doc.get("git", {}).get("head") else "")
         load = f"load average {min(loads):.1f}–{max(loads):.1f}" if loads else "load average not recorded"
-        parts.append(f"`bench-results/{name}.json` ({when}, {load})")
+        isa = (doc.get("machine") or {}).get("aten_isa")
+        parts.append(f"`bench-results/{name}.json` ({when}, {load}{f', ATen {isa}' if isa else ''})")
     return ("From " + "; ".join(parts) + ". Figures taken at a load average above 2 on these 2 cores are "
             "upper bounds.") if parts else "No benchmark has been run."
 
