@@ -105,9 +105,10 @@ STRICT_THREADS = 1
 #: MKL's threads in strict mode; None: every core this process may use.  One: with two, a
 #: strict unlearn step run twice in one process (and in fresh processes, now and then) gave
 #: different bytes, although each GEMM alone gave the same bytes at 1, 2 and 4 threads; MKL
-#: picks its thread count per call at run time (MKL_DYNAMIC), so which calls split their work
-#: depended on timing.  With one thread every run agreed.  It cost 15% on a 1024x576x1536
-#: GEMM (MKL's COMPATIBLE path gains little from a second core).
+#: picks its thread count per call at run time (MKL_DYNAMIC, on by default), the likely
+#: reason: which calls split their work would depend on timing.  With one thread every run
+#: agreed.  It cost 15% on a 1024x576x1536 GEMM (MKL's COMPATIBLE path gains little from a
+#: second core).
 STRICT_MKL_THREADS: int | None = 1
 
 #: Environment for strict mode, set by :func:`apply` before torch is imported.
